@@ -1,0 +1,3 @@
+from aimcpipe.launch.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,76 @@
+"""The ``aimcpipe`` command line.
+
+Each sub-command lives in its own module exposing ``add_arguments(parser)`` and
+``run(args) -> int``; this file only wires them together and turns errors into one line and
+exit status 2, as DESIGN.md §6 requires.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from aimcpipe import __version__
+from aimcpipe.errors import AimcpipeError
+
+__all__ = ["main"]
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "lsq": (
+        "aimcpipe.launch.lsq_cmd",
+        "least-squares reproduction of arXiv 2406.12774 (asymptotic error of Analog SGD)",
+    ),
+    "simulate": (
+        "aimcpipe.launch.simulate_cmd",
+        "simulate pipeline schedules with the cycle cost model (speedup, utilization)",
+    ),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse parser whose errors are one line plus a hint, exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="aimcpipe", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"aimcpipe {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue  # command not built yet
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except AimcpipeError as exc:
+        print(f"aimcpipe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"aimcpipe {args.command}: interrupted", file=sys.stderr)
+        return 130
