@@ -121,14 +121,14 @@ class IOConfig:
 
     Order of operations for ``y = W x`` (per sample): noise management divides x by
     ``max|x|`` (``noise_management: abs-max``); inputs are clipped to ``[-inp_bound, inp_bound]``
-    and quantised to steps of ``inp_res``; the analog MVM; Gaussian ``out_noise`` is added;
+    (0: unbounded) and quantised to steps of ``inp_res``; the analog MVM; Gaussian ``out_noise`` is added;
     outputs are clipped to ``[-out_bound, out_bound]`` and quantised to steps of
     ``out_res · out_bound``; the noise-management scale is multiplied back. A resolution of 0
     means no quantisation; ``out_bound`` 0 means unbounded.
     """
 
     noise_management: Literal["none", "abs-max"] = "none"
-    inp_bound: float = 1.0
+    inp_bound: float = 0.0
     inp_res: float = 0.0
     out_noise: float = 0.0
     out_bound: float = 0.0
@@ -140,8 +140,7 @@ class IOConfig:
                 f"noise_management: {self.noise_management!r} is not allowed; "
                 "use 'none' or 'abs-max'"
             )
-        _positive("inp_bound", self.inp_bound)
-        for name in ("inp_res", "out_noise", "out_bound", "out_res"):
+        for name in ("inp_bound", "inp_res", "out_noise", "out_bound", "out_res"):
             _nonneg(name, getattr(self, name))
         if self.out_res > 0 and self.out_bound == 0:
             raise ConfigError("out_res: output quantisation needs out_bound > 0")
@@ -150,6 +149,7 @@ class IOConfig:
     def is_ideal(self) -> bool:
         return (
             self.noise_management == "none"
+            and self.inp_bound == 0
             and self.inp_res == 0
             and self.out_noise == 0
             and self.out_bound == 0
@@ -167,6 +167,7 @@ def io_preset(name: str) -> IOConfig:
     if name == "paper":
         return IOConfig(
             noise_management="abs-max",
+            inp_bound=1.0,
             inp_res=_EIGHT_BIT,
             out_noise=0.005,
             out_bound=12.0,

@@ -36,8 +36,10 @@ def analog_mvm(
     if io.noise_management == "abs-max":
         scale = x.abs().amax(dim=1, keepdim=True)
         x = x / scale.clamp(min=torch.finfo(x.dtype).tiny)
-    x = x.clamp(-io.inp_bound, io.inp_bound)
+    if io.inp_bound > 0:
+        x = x.clamp(-io.inp_bound, io.inp_bound)
     if io.inp_res > 0:
+        x = x.clone() if x is inputs else x
         x = _quantise(x, io.inp_res)
     y = x.mm(matrix)
     if io.out_noise > 0:
