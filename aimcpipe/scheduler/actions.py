@@ -253,6 +253,8 @@ class Schedule:
     weight_stashing: bool = False
 
     def __post_init__(self) -> None:
+        # accept lists from hand-built schedules; tuple() of a tuple is free
+        object.__setattr__(self, "stages", tuple(tuple(acts) for acts in self.stages))
         for name in ("microbatches_per_minibatch", "minibatches"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

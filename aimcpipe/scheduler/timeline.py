@@ -127,7 +127,8 @@ def render_timeline(result: SimResult, width: int = 120) -> str:
             free_from = off + len(txt) + 1
     title = (
         f"{sched.policy}  S={sched.num_stages} Bm={sched.microbatches_per_minibatch} "
-        f"K={sched.minibatches}  makespan={result.makespan:g} cycles  "
+        f"K={sched.minibatches}{' weight-stashing' if sched.weight_stashing else ''}  "
+        f"makespan={result.makespan:g} cycles  "
         f"1 column = {_fmt_unit(unit)} cycle(s)"
         + (f"  ({total - len(shown)} columns hidden at '//')" if gap_at is not None else "")
     )
