@@ -120,11 +120,12 @@ class IOConfig:
     """Non-idealities of one direction of matrix-vector multiplication (forward or backward).
 
     Order of operations for ``y = W x`` (per sample): noise management divides x by
-    ``max|x|`` (``noise_management: abs-max``); inputs are clipped to ``[-inp_bound, inp_bound]``
-    (0: unbounded) and quantised to steps of ``inp_res``; the analog MVM; Gaussian ``out_noise`` is added;
-    outputs are clipped to ``[-out_bound, out_bound]`` and quantised to steps of
-    ``out_res · out_bound``; the noise-management scale is multiplied back. A resolution of 0
-    means no quantisation; ``out_bound`` 0 means unbounded.
+    ``max|x|`` (``noise_management: abs-max``); inputs are clipped to
+    ``[-inp_bound, inp_bound]`` (0: unbounded) and quantised to steps of ``inp_res``; the
+    analog MVM; Gaussian ``out_noise`` is added; outputs are clipped to
+    ``[-out_bound, out_bound]`` and quantised to steps of ``out_res · out_bound``; the
+    noise-management scale is multiplied back. A resolution of 0 means no quantisation;
+    ``out_bound`` 0 means unbounded.
     """
 
     noise_management: Literal["none", "abs-max"] = "none"
