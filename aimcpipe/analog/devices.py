@@ -176,6 +176,21 @@ def _uniform15(
     return words.view(torch.int16)[:count].view(shape).bitwise_and_(0x7FFF)
 
 
+def _thresholds(v: torch.Tensor, p_max: torch.Tensor, v_max: torch.Tensor) -> torch.Tensor:
+    """``round(2¹⁵ · p)`` per entry as int16, with ``p = p_max·|v|/max|v|`` per row."""
+    scale = (p_max / v_max.clamp(min=1e-30)).unsqueeze(1)
+    return v.abs().mul_(scale).round_().clamp_(max=_PROB_SCALE - 1).to(torch.int16)
+
+
+def _pad(t: torch.Tensor, pad: int, dim: int) -> torch.Tensor:
+    """``t`` with ``pad`` zero rows (dim 0) or columns (dim 1) appended."""
+    if not pad:
+        return t
+    shape = list(t.shape)
+    shape[dim] = pad
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
 def _count_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Exact ``a @ b`` for small-integer matrices (entries in {−1, 0, 1}) as float32.
 
@@ -201,8 +216,9 @@ def pulse_counts(
     Per sample: bit length ``BL = min(ceil(lr·max|x|·max|d| / dw_min), desired_bl)``; with
     ``k = lr·max|x|·max|d| / (dw_min·BL)``, input bit j fires with probability
     ``√k·|x_j|/max|x|`` and error bit i with ``√k·|d_i|/max|d|`` (probabilities capped at 1,
-    which truncates updates larger than ``desired_bl`` pulses, as on hardware; resolved to
-    2⁻¹⁵). The expected number of coincidences at (i, j) is then ``lr·|d_i x_j| / dw_min``.
+    which truncates updates larger than ``desired_bl`` pulses, as on hardware; probabilities
+    are resolved to 2⁻¹⁵). The expected number of coincidences at (i, j) is then
+    ``lr·|d_i x_j| / dw_min``.
     Coincidences of the same bit slot are correlated across a row or column, as on a real
     array: the counts are products of 0/1 matrices, never per-weight loops.
 
@@ -215,32 +231,29 @@ def pulse_counts(
     k = (x_max * d_max).mul_(lr / dw_min)
     bl = k.ceil().clamp_(min=1, max=desired_bl)
     p_max = (k / bl).sqrt_().clamp_(max=1.0).mul_(_PROB_SCALE)
-    # Thresholds in units of 2⁻¹⁵, rounded to nearest: a bit fires where u + 0.5 < threshold.
-    t_x = x.abs().mul_((p_max / x_max.clamp(min=1e-30)).unsqueeze(1)).sub_(0.5)
-    t_d = d.abs().mul_((p_max / d_max.clamp(min=1e-30)).unsqueeze(1)).sub_(0.5)
+    # Integer thresholds: a bit fires where u < t, u uniform in [0, 2¹⁵), so P = t/2¹⁵ with t
+    # the rounded probability (capped at 2¹⁵ − 1). Comparing int16 with int16 keeps the
+    # largest arrays (b × BL × n) at two bytes per entry.
+    t_x = _thresholds(x, p_max, x_max)
+    t_d = _thresholds(d, p_max, d_max)
     length = int(bl.max().item()) if b else 0
-    # Pad the bit slots to a multiple of 8 (unused slots never fire) for the int8 product.
     slots = b * length
-    pad = (-slots) % 8
-    steps = torch.arange(length, device=device)
-    active = steps.unsqueeze(0) < bl.unsqueeze(1)  # b × L
     u_x = _uniform15((b, length, x.shape[1]), generator, device)
     u_d = _uniform15((d.shape[1], b, length), generator, device)
-    bits_x = (u_x < t_x.unsqueeze(1)).logical_and_(active.unsqueeze(2))
-    bits_d = u_d < t_d.t().unsqueeze(2)
-    bits_x = bits_x.view(slots, -1).to(torch.int8)
-    bits_d = bits_d.view(-1, slots).to(torch.int8)
-    if pad:
-        bits_x = torch.cat([bits_x, bits_x.new_zeros(pad, bits_x.shape[1])])
-        bits_d = torch.cat([bits_d, bits_d.new_zeros(bits_d.shape[0], pad)], dim=1)
+    inactive = torch.arange(length, device=device).unsqueeze(0) >= bl.unsqueeze(1)  # b × L
+    if bool(inactive.any()):  # samples with fewer bits than the longest: silence their slots
+        u_d.masked_fill_(inactive.unsqueeze(0), _PROB_SCALE - 1)
+    # Pad the bit slots to a multiple of 8 (padding never fires) for the int8 product.
+    pad = (-slots) % 8
+    bits_x = _pad(((u_x < t_x.unsqueeze(1)).view(torch.int8).view(slots, -1)), pad, dim=0)
+    bits_d = _pad(((u_d < t_d.t().unsqueeze(2)).view(torch.int8).view(-1, slots)), pad, dim=1)
     coincidences = _count_products(bits_d, bits_x)
     # Requested ΔW = −lr·d·x: an up pulse where sign(d)·sign(x) < 0.
     sign_x = torch.sign(x).to(torch.int8).unsqueeze(1).expand(b, length, -1).reshape(slots, -1)
     sign_d = torch.sign(d).to(torch.int8).t().unsqueeze(2).expand(-1, b, length).reshape(-1, slots)
-    if pad:
-        sign_x = torch.cat([sign_x, sign_x.new_zeros(pad, sign_x.shape[1])])
-        sign_d = torch.cat([sign_d, sign_d.new_zeros(sign_d.shape[0], pad)], dim=1)
-    signed = _count_products(bits_d.mul_(sign_d), bits_x.mul_(sign_x)).neg_()
+    signed_x = bits_x.mul_(_pad(sign_x, pad, dim=0))
+    signed_d = bits_d.mul_(_pad(sign_d, pad, dim=1))
+    signed = _count_products(signed_d, signed_x).neg_()
     return coincidences, signed
 
 
