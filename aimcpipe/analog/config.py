@@ -61,8 +61,10 @@ class DeviceConfig:
     ``dw_min`` is the step of one pulse (used by the pulsed update, and as the unit of write
     noise). The ``*_dtod`` values are relative standard deviations of per-cross-point
     parameters, drawn once per tile from its seed (``up_down_dtod`` is absolute).
-    ``dw_min_std`` is the relative cycle-to-cycle noise of each pulse. ``write_noise_std``
-    adds ``write_noise_std · dw_min · ξ`` to every weight on every update call.
+    ``dw_min_std`` is the relative cycle-to-cycle noise of each pulse. With
+    ``write_noise_std``, what MVMs read after each update is the device state plus a fresh
+    ``write_noise_std · dw_min · ξ`` (the noise is redrawn, it does not accumulate).
+    ``tau`` and explicit ``w_max``/``w_min`` are alternatives: give one or the other.
     """
 
     kind: DeviceKind = "soft-bounds"
@@ -86,6 +88,8 @@ class DeviceConfig:
             )
         if self.tau is not None:
             _positive("tau", self.tau)
+            if (self.w_max, self.w_min) not in ((1.0, -1.0), (self.tau, -self.tau)):
+                raise ConfigError("tau: set either tau or w_max/w_min, not both")
             object.__setattr__(self, "w_max", float(self.tau))
             object.__setattr__(self, "w_min", -float(self.tau))
         if self.kind != "ideal" and not (self.w_min < 0 < self.w_max):
@@ -121,11 +125,11 @@ class IOConfig:
 
     Order of operations for ``y = W x`` (per sample): noise management divides x by
     ``max|x|`` (``noise_management: abs-max``); inputs are clipped to
-    ``[-inp_bound, inp_bound]`` (0: unbounded) and quantised to steps of ``inp_res``; the
-    analog MVM; Gaussian ``out_noise`` is added; outputs are clipped to
-    ``[-out_bound, out_bound]`` and quantised to steps of ``out_res · out_bound``; the
-    noise-management scale is multiplied back. A resolution of 0 means no quantisation;
-    ``out_bound`` 0 means unbounded.
+    ``[-inp_bound, inp_bound]`` (0: unbounded) and quantised to steps of
+    ``inp_res · 2·inp_bound``; the analog MVM; Gaussian ``out_noise`` is added; outputs are
+    clipped to ``[-out_bound, out_bound]`` and quantised to steps of ``out_res · 2·out_bound``;
+    the noise-management scale is multiplied back. Resolutions are fractions of the full range,
+    as in aihwkit (``1/254``: 8 bits); 0 means no quantisation, a bound of 0 means unbounded.
     """
 
     noise_management: Literal["none", "abs-max"] = "none"
@@ -145,6 +149,8 @@ class IOConfig:
             _nonneg(name, getattr(self, name))
         if self.out_res > 0 and self.out_bound == 0:
             raise ConfigError("out_res: output quantisation needs out_bound > 0")
+        if self.inp_res > 0 and self.inp_bound == 0:
+            raise ConfigError("inp_res: input quantisation needs inp_bound > 0")
 
     @property
     def is_ideal(self) -> bool:
@@ -220,11 +226,19 @@ class TikiTakaConfig:
     gamma: float = 0.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.transfer_every, bool) or self.transfer_every < 1:
+        if (
+            not isinstance(self.transfer_every, int)
+            or isinstance(self.transfer_every, bool)
+            or (self.transfer_every < 1)
+        ):
             raise ConfigError(
                 f"transfer_every: must be an integer >= 1, got {self.transfer_every!r}"
             )
-        if self.transfer_columns is not None and self.transfer_columns < 1:
+        if self.transfer_columns is not None and (
+            not isinstance(self.transfer_columns, int)
+            or isinstance(self.transfer_columns, bool)
+            or self.transfer_columns < 1
+        ):
             raise ConfigError(
                 f"transfer_columns: must be >= 1 or null (all), got {self.transfer_columns!r}"
             )

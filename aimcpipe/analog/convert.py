@@ -35,16 +35,19 @@ def _analog_copy(name: str, layer: nn.Module, config: AnalogConfig, seed: int) -
             raise ConfigError(
                 f"{name}: padding_mode={layer.padding_mode!r} is not supported; use 'zeros'"
             )
-        new = AnalogConv2d(
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            layer.stride,
-            layer.padding,
-            layer.dilation,
-            layer.bias is not None,
-            **kwargs,
-        )
+        try:
+            new = AnalogConv2d(
+                layer.in_channels,
+                layer.out_channels,
+                layer.kernel_size,
+                layer.stride,
+                layer.padding,
+                layer.dilation,
+                layer.bias is not None,
+                **kwargs,
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
         new.analog.set_weight(weight.reshape(layer.out_channels, -1))
     if layer.bias is not None:
         with torch.no_grad():
@@ -76,6 +79,8 @@ def convert(
     if isinstance(model, nn.Linear | nn.Conv2d):
         return _analog_copy("", model, config, seed)
     for name, module in list(model.named_modules()):
+        if isinstance(module, nn.MultiheadAttention):
+            continue  # reads its projections' weights directly: it cannot use analog layers
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             if full in excluded or not isinstance(child, nn.Linear | nn.Conv2d):

@@ -176,10 +176,14 @@ def _uniform15(
     return words.view(torch.int16)[:count].view(shape).bitwise_and_(0x7FFF)
 
 
-def _thresholds(v: torch.Tensor, p_max: torch.Tensor, v_max: torch.Tensor) -> torch.Tensor:
-    """``round(2¹⁵ · p)`` per entry as int16, with ``p = p_max·|v|/max|v|`` per row."""
+def _thresholds(
+    v: torch.Tensor, p_max: torch.Tensor, v_max: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """``2¹⁵ · p`` per entry as int16, with ``p = p_max·|v|/max|v|`` per row, rounded up or
+    down at random (dithered) so that its expectation is exact even for tiny probabilities."""
     scale = (p_max / v_max.clamp(min=1e-30)).unsqueeze(1)
-    return v.abs().mul_(scale).round_().clamp_(max=_PROB_SCALE - 1).to(torch.int16)
+    dither = torch.rand(v.shape, generator=generator, device=v.device, dtype=v.dtype)
+    return v.abs().mul_(scale).add_(dither).floor_().clamp_(max=_PROB_SCALE - 1).to(torch.int16)
 
 
 def _pad(t: torch.Tensor, pad: int, dim: int) -> torch.Tensor:
@@ -217,8 +221,8 @@ def pulse_counts(
     ``k = lr·max|x|·max|d| / (dw_min·BL)``, input bit j fires with probability
     ``√k·|x_j|/max|x|`` and error bit i with ``√k·|d_i|/max|d|`` (probabilities capped at 1,
     which truncates updates larger than ``desired_bl`` pulses, as on hardware; probabilities
-    are resolved to 2⁻¹⁵). The expected number of coincidences at (i, j) is then
-    ``lr·|d_i x_j| / dw_min``.
+    are resolved to 2⁻¹⁵ with a random dither, so they are exact in expectation). The
+    expected number of coincidences at (i, j) is then ``lr·|d_i x_j| / dw_min``.
     Coincidences of the same bit slot are correlated across a row or column, as on a real
     array: the counts are products of 0/1 matrices, never per-weight loops.
 
@@ -232,10 +236,10 @@ def pulse_counts(
     bl = k.ceil().clamp_(min=1, max=desired_bl)
     p_max = (k / bl).sqrt_().clamp_(max=1.0).mul_(_PROB_SCALE)
     # Integer thresholds: a bit fires where u < t, u uniform in [0, 2¹⁵), so P = t/2¹⁵ with t
-    # the rounded probability (capped at 2¹⁵ − 1). Comparing int16 with int16 keeps the
+    # the dithered probability (capped at 2¹⁵ − 1). Comparing int16 with int16 keeps the
     # largest arrays (b × BL × n) at two bytes per entry.
-    t_x = _thresholds(x, p_max, x_max)
-    t_d = _thresholds(d, p_max, d_max)
+    t_x = _thresholds(x, p_max, x_max, generator)
+    t_d = _thresholds(d, p_max, d_max, generator)
     length = int(bl.max().item()) if b else 0
     slots = b * length
     u_x = _uniform15((b, length, x.shape[1]), generator, device)

@@ -40,7 +40,7 @@ def analog_mvm(
         x = x.clamp(-io.inp_bound, io.inp_bound)
     if io.inp_res > 0:
         x = x.clone() if x is inputs else x
-        x = _quantise(x, io.inp_res)
+        x = _quantise(x, io.inp_res * 2 * io.inp_bound)
     y = x.mm(matrix)
     if io.out_noise > 0:
         noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
@@ -48,7 +48,7 @@ def analog_mvm(
     if io.out_bound > 0:
         y.clamp_(-io.out_bound, io.out_bound)
         if io.out_res > 0:
-            y = _quantise(y, io.out_res * io.out_bound)
+            y = _quantise(y, io.out_res * 2 * io.out_bound)
     if scale is not None:
         y.mul_(scale)
     return y

@@ -52,8 +52,9 @@ class AnalogWeight(nn.Module):
 
     # shared ----------------------------------------------------------------------------
     def record(self, x: torch.Tensor, d: torch.Tensor) -> None:
-        """Remember one backward's (inputs, errors) until ``apply_pending``."""
-        self.pending.append((x.detach(), d.detach()))
+        """Remember one backward's (inputs, errors) until ``apply_pending``. Copies are kept:
+        the caller may reuse its input and gradient buffers before the update is applied."""
+        self.pending.append((x.detach().clone(), d.detach().clone()))
 
     @torch.no_grad()
     def apply_pending(self, lr: float, scale: float = 1.0) -> int:
@@ -187,7 +188,7 @@ class TikiTakaWeight(AnalogWeight):
         )
         values = self.fast.read_columns(columns)  # k × out
         inputs = values.new_zeros(len(columns), self.in_features)
-        inputs[torch.arange(len(columns)), columns] = 1.0
+        inputs[torch.arange(len(columns), device=columns.device), columns] = 1.0
         self.slow.update(inputs, -values, lr)
         self.next_column.fill_((start + self.transfer_columns) % self.in_features)
 

@@ -78,6 +78,8 @@ class AnalogTile(nn.Module):
         )
         for name, value in state.as_dict().items():
             self.register_buffer(name, value)
+        if self.device_config.write_noise_std > 0:
+            self.register_buffer("hidden_weight", torch.zeros_like(self.weight))
 
     # -- state ---------------------------------------------------------------------------
     @property
@@ -96,6 +98,8 @@ class AnalogTile(nn.Module):
         self.weight.copy_(weight)
         if self.device_config.kind != "ideal":
             torch.clamp(self.weight, min=self.w_min, max=self.w_max, out=self.weight)
+        if self.device_config.write_noise_std > 0:
+            self.hidden_weight.copy_(self.weight)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"rng_state": self._generator.get_state(), "rng_device": self._generator.device.type}
@@ -140,7 +144,7 @@ class AnalogTile(nn.Module):
         eye = torch.zeros(
             len(columns), self.in_features, device=self.weight.device, dtype=self.weight.dtype
         )
-        eye[torch.arange(len(columns)), columns] = 1.0
+        eye[torch.arange(len(columns), device=columns.device), columns] = 1.0
         return self.forward(eye)
 
     # -- update ----------------------------------------------------------------------------
@@ -151,6 +155,8 @@ class AnalogTile(nn.Module):
         d = d.to(self.weight.dtype).reshape(-1, self.out_features)
         if x.shape[0] != d.shape[0]:
             raise ValueError(f"update: {x.shape[0]} inputs but {d.shape[0]} errors")
+        if not lr >= 0:
+            raise ValueError(f"update: lr must be >= 0, got {lr}")
         if x.shape[0] == 0 or lr == 0:
             return
         cfg = self.device_config
@@ -172,14 +178,23 @@ class AnalogTile(nn.Module):
             magnitude = coincidences.mul_(state.dw_min)
         else:
             delta, magnitude = requested_update(x, d, lr, self.update_config.granularity)
-        apply_response(cfg, self.weight, state, delta, magnitude, extra=extra)
+            if cfg.has_dtod:  # per-device step sizes scale the response, as pulses would
+                relative = state.dw_min / cfg.dw_min
+                delta.mul_(relative)
+                magnitude.mul_(relative)
         if cfg.write_noise_std > 0:
+            # The device state evolves without write noise; what MVMs read is that state plus
+            # a fresh draw of write noise after every update (it does not accumulate).
+            apply_response(cfg, self.hidden_weight, state, delta, magnitude, extra=extra)
             noise = torch.randn(
                 self.weight.shape,
                 generator=self._generator,
                 device=self.weight.device,
                 dtype=self.weight.dtype,
             )
-            self.weight.add_(noise.mul_(state.dw_min * cfg.write_noise_std))
+            noise.mul_(state.dw_min * cfg.write_noise_std)
+            torch.add(self.hidden_weight, noise, out=self.weight)
             if cfg.kind != "ideal":
                 torch.clamp(self.weight, min=self.w_min, max=self.w_max, out=self.weight)
+        else:
+            apply_response(cfg, self.weight, state, delta, magnitude, extra=extra)

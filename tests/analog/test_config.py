@@ -19,6 +19,7 @@ from aimcpipe.errors import ConfigError
         ({"up_down": 1.5}, "up_down"),
         ({"dw_min_dtod": -0.1}, "dw_min_dtod"),
         ({"write_noise_std": float("nan")}, "write_noise_std"),
+        ({"tau": 1.0, "w_max": 3.0}, "tau: set either tau or w_max/w_min"),
     ],
 )
 def test_bad_device_parameters(kwargs, message):
@@ -33,6 +34,10 @@ def test_other_bad_parameters():
         UpdateConfig(mode="fast")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="transfer_every"):
         TikiTakaConfig(transfer_every=0)
+    with pytest.raises(ConfigError, match="transfer_every"):
+        TikiTakaConfig(transfer_every=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="transfer_columns"):
+        TikiTakaConfig(transfer_columns=True)
     with pytest.raises(ConfigError, match="rule"):
         AnalogConfig(rule="adam")  # type: ignore[arg-type]
 
@@ -72,8 +77,6 @@ def test_grouped_convolution_is_refused():
     with pytest.raises(ConfigError, match="exclude: no layer named 'nope'"):
         convert(model, exclude=["nope"])
     assert isinstance(convert(model, exclude=["0"])[0], torch.nn.Conv2d)
-    with pytest.raises(ConfigError, match="padding"):
-        from aimcpipe.analog import AnalogConv2d
-
-        AnalogConv2d(1, 1, 3, padding="same")
+    with pytest.raises(ConfigError, match=r"^0: padding: 'same' is not supported"):
+        convert(torch.nn.Sequential(torch.nn.Conv2d(1, 1, 3, padding="same")))
     assert AnalogLinear(3, 2).weight.shape == (2, 3)

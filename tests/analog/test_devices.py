@@ -180,3 +180,42 @@ def test_cycle_to_cycle_noise_adds_spread():
     # Same pulses (same seed), but each pulse's size varies around dw_min·q(w).
     assert not torch.allclose(q[hit], n[hit])
     assert torch.equal(q[~hit], n[~hit])
+
+
+def test_expected_update_uses_per_device_step_sizes():
+    """With dw_min variation, a device with twice the nominal step moves twice as far, in the
+    expected mode as with pulses."""
+    cfg = DeviceConfig(kind="constant-step", tau=1.0, dw_min=0.01, dw_min_dtod=0.5)
+    tile = AnalogTile(6, 8, cfg, seed=4)
+    tile.set_weight(torch.zeros(6, 8))
+    x, d = _data()
+    tile.update(x, d, 0.01)
+    torch.testing.assert_close(tile.weight, -0.01 * d.t() @ x * tile.dw_min / 0.01)
+
+
+def test_write_noise_is_redrawn_not_accumulated():
+    cfg = DeviceConfig(kind="ideal", dw_min=0.1, write_noise_std=1.0)
+    tile = AnalogTile(20, 20, cfg, seed=0)
+    tile.set_weight(torch.zeros(20, 20))
+    x, d = torch.zeros(1, 20), torch.zeros(1, 20)
+    x[0, 0] = 1.0
+    for _ in range(100):
+        tile.update(x, d, 0.1)  # a zero-size request: only write noise changes the read weight
+    assert abs(tile.weight.std().item() - 0.1) < 0.02  # one draw of σ·dw_min, not √100 of them
+    assert tile.hidden_weight.abs().max() == 0
+
+
+def test_tiny_pulse_probabilities_fire_at_the_right_rate():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.full((20000, 2), 1.0)
+    x[:, 1] = 1e-4  # bit probability ≈ 1e-4·√k, far below the 2⁻¹⁵ resolution
+    d = torch.ones(20000, 1)
+    coincidences, _ = pulse_counts(x, d, lr=0.5, dw_min=0.001, desired_bl=31, generator=gen)
+    ratio = coincidences[0, 1] / coincidences[0, 0]
+    assert 0.3e-4 < ratio < 3e-4  # expected 1e-4; without dithering it would be 0
+
+
+def test_negative_learning_rate_is_refused():
+    tile, _ = _tile(DeviceConfig(tau=1.0))
+    with pytest.raises(ValueError, match="lr must be >= 0"):
+        tile.update(*_data(), lr=-0.1)

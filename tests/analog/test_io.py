@@ -24,14 +24,25 @@ def test_ideal_io_is_exact_in_both_directions():
 
 def test_quantisation_puts_outputs_on_the_grid():
     w, x, gen = _setup()
-    io = IOConfig(noise_management="abs-max", inp_res=1 / 30, out_bound=4.0, out_res=1 / 50)
+    io = IOConfig(
+        noise_management="abs-max", inp_bound=1.0, inp_res=1 / 30, out_bound=4.0, out_res=1 / 50
+    )
     y = analog_mvm(w, x, io, gen)
     scale = x.abs().amax(dim=1, keepdim=True)
-    levels = y / scale / (io.out_res * io.out_bound)
+    levels = y / scale / (io.out_res * 2 * io.out_bound)  # step = res × full range
     torch.testing.assert_close(levels, levels.round(), atol=1e-3, rtol=0)
     # close to the exact product: the error is bounded by the resolutions
     exact = x @ w.t()
-    assert ((y - exact).abs() <= scale * (0.5 * 4 / 50 + 9 * 0.5 / 30 * 0.5) + 1e-5).all()
+    out_err, in_err = 0.5 * 8 / 50, 9 * 0.5 * (2 / 30) * 0.5
+    assert ((y - exact).abs() <= scale * (out_err + in_err) + 1e-5).all()
+
+
+def test_eight_bit_preset_has_255_input_levels():
+    w = torch.eye(4)
+    x = torch.linspace(-1, 1, 4000).view(-1, 4)
+    io = IOConfig(inp_bound=1.0, inp_res=1 / 254)
+    levels = analog_mvm(w, x, io, torch.Generator()).unique()
+    assert len(levels) == 255
 
 
 def test_output_bound_clips():
@@ -73,3 +84,5 @@ def test_paper_preset_and_bad_values():
         IOConfig(out_noise=-1)
     with pytest.raises(ConfigError, match="out_res"):
         IOConfig(out_res=0.01)
+    with pytest.raises(ConfigError, match="inp_res"):
+        IOConfig(inp_res=0.01)

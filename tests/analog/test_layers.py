@@ -48,6 +48,17 @@ def test_backward_records_inputs_and_errors_without_weight_grad():
     torch.testing.assert_close(rec_x, x)
     torch.testing.assert_close(rec_d, torch.ones(4, 2))
     assert not any(isinstance(b, nn.Parameter) for b in layer.analog.buffers())
+    # the records are copies: reusing the caller's buffers cannot corrupt a pending update
+    x.zero_()
+    torch.testing.assert_close(layer.pending[0][0], rec_x)
+    assert rec_x.abs().sum() > 0
+
+
+def test_convert_leaves_multihead_attention_alone():
+    model = nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 2))
+    analog = convert(model, DIGITAL)
+    assert isinstance(analog[0], AnalogLinear)
+    assert type(analog[1].out_proj) is type(model[1].out_proj)
 
 
 def test_update_between_forward_and_backward_is_visible_to_backward():
