@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/aimcpipe lsq --out runs/lsq
+	$(BIN)/aimcpipe lsq --out runs/lsq --force
 
 lint: $(STAMP)
 	$(BIN)/ruff check aimcpipe tests benchmarks

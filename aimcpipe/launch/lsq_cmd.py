@@ -12,8 +12,6 @@ import argparse
 import json
 import logging
 import math
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from tqdm import tqdm
 
 from aimcpipe.errors import ConfigError
 from aimcpipe.launch.lsq import ALGORITHMS, MODES, LsqRun, asymptotic_error, make_problem, run_lsq
+from aimcpipe.launch.outdir import check_out_dir, staged_dir
 
 __all__ = ["add_arguments", "run"]
 
@@ -79,6 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="output directory")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out DIR")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -157,14 +157,7 @@ def _table(runs: list[LsqRun]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     plan = _plan(args)
-    out: Path | None = args.out
-    if (
-        out is not None
-        and out.exists()
-        and not (out / "results.json").exists()
-        and (not out.is_dir() or any(out.iterdir()))
-    ):
-        raise ConfigError(f"--out: {out} exists and is not an earlier lsq output; choose another")
+    out = check_out_dir(args.out, force=args.force)
     torch.set_num_threads(1)  # the problem is tiny: threads only add overhead
     problem = make_problem(args.seed)
     runs: list[LsqRun] = []
@@ -219,11 +212,8 @@ def run(args: argparse.Namespace) -> int:
 def _write(
     out: Path, runs: list[LsqRun], curves: list[dict[str, Any]], args: argparse.Namespace
 ) -> None:
-    """Write into a fresh temporary directory next to ``out`` and swap it in at the end, so a
-    failed or interrupted run never leaves a half-written directory that looks complete."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    """Write results, curves and plots (complete or not at all: ``staged_dir``)."""
+    with staged_dir(out) as tmp:
         settings = {
             k: (str(v) if isinstance(v, Path) else v)
             for k, v in vars(args).items()
@@ -236,9 +226,3 @@ def _write(
         from aimcpipe.launch.lsq_plots import plot_lsq
 
         plot_lsq(curves, runs, tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from aimcpipe.errors import ConfigError
+from aimcpipe.launch.outdir import check_out_dir, staged_dir
 from aimcpipe.scheduler import POLICIES, HardwareModel, SimResult, simulate, sweep
 from aimcpipe.scheduler.costs import parse_cost_spec, parse_energy_spec
 from aimcpipe.scheduler.files import load_schedule, save_schedule
@@ -163,17 +161,6 @@ def _policy_list(text: str | None) -> list[str] | None:
     return out
 
 
-def _check_out(out: str | None, force: bool) -> Path | None:
-    if out is None:
-        return None
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"--out: {out} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not force:
-        raise ConfigError(f"--out: {out} is not empty; choose a new directory or add --force")
-    return path
-
-
 def run(args: argparse.Namespace) -> int:
     # ---- check every flag before simulating or writing anything
     stages = _stage_list(args.stages)
@@ -188,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     if args.timeline and args.json:
         raise ConfigError("--timeline prints text and cannot be combined with --json")
     drain_every = None if args.drain_every is None else _int("--drain-every", args.drain_every, 1)
-    out_dir = _check_out(args.out, args.force)
+    out_dir = check_out_dir(args.out, force=args.force)
     async_opts: dict[str, Any] = {}
     if args.weight_stashing:
         async_opts["weight_stashing"] = True
@@ -263,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
         "results": rows,
     }
     if out_dir is not None:
-        _write_out(out_dir, document, pairs, width, force=args.force)
+        _write_out(out_dir, document, pairs, width)
     if args.json:
         json.dump(document, sys.stdout)
         sys.stdout.write("\n")
@@ -325,19 +312,11 @@ def _write_out(
     document: dict[str, Any],
     pairs: list[tuple[SimResult, dict[str, Any]]],
     width: int,
-    *,
-    force: bool,
 ) -> None:
     """Assemble everything in a temporary sibling, then rename it to ``out_dir``."""
     from aimcpipe.scheduler.plot import plot_speedup
 
-    parent = out_dir.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
-    try:
+    with staged_dir(out_dir) as tmp:
         (tmp / "results.json").write_text(json.dumps(document, indent=1) + "\n")
         write_chrome_trace(tmp / "trace.json", [r for r, _ in pairs])
         (tmp / "timeline.txt").write_text(
@@ -361,15 +340,3 @@ def _write_out(
             title=f"Bm={cfg['microbatches']} K={cfg['minibatches']}"
             + (" fixed model" if cfg["fixed_model"] else ""),
         )
-        if out_dir.exists():
-            if force:
-                old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=parent))
-                os.replace(out_dir, old / "x")
-                os.replace(tmp, out_dir)
-                shutil.rmtree(old, ignore_errors=True)
-                return
-            out_dir.rmdir()  # empty (checked before simulating)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

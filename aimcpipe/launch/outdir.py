@@ -1,0 +1,54 @@
+"""Output directories that are complete or absent, never half-written (DESIGN.md §6).
+
+Commands build their output in a hidden temporary sibling and move it into place only when
+everything was written, so an error or an interrupt leaves no directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from aimcpipe.errors import ConfigError
+
+__all__ = ["check_out_dir", "staged_dir"]
+
+
+def check_out_dir(out: str | Path | None, *, force: bool) -> Path | None:
+    """Validate ``--out`` before any work: it may be new or empty, or replaced with ``--force``."""
+    if out is None:
+        return None
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out: {out} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not force:
+        raise ConfigError(f"--out: {out} is not empty; choose a new directory or add --force")
+    return path
+
+
+@contextmanager
+def staged_dir(out_dir: Path) -> Iterator[Path]:
+    """Yield a temporary directory next to ``out_dir``; on success it replaces ``out_dir``
+    (whatever was there before, which ``check_out_dir`` allowed), on error it is removed."""
+    parent = out_dir.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
+    try:
+        yield tmp
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=parent))
+            os.replace(out_dir, old / "previous")
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
