@@ -27,14 +27,50 @@ class AnalogWeight(nn.Module):
     """An out × in weight trained by an update rule. Subclasses implement the MVMs, the
     update and the effective weight."""
 
-    def __init__(self, out_features: int, in_features: int, config: AnalogConfig) -> None:
+    def __init__(
+        self,
+        out_features: int,
+        in_features: int,
+        config: AnalogConfig,
+        seed: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__()
         self.out_features = out_features
         self.in_features = in_features
         self.config = config
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._build(seed, device, dtype)
+
+    def _tile(
+        self,
+        seed: int,
+        device: torch.device | str | None,
+        dtype: torch.dtype,
+        device_config: DeviceConfig | None = None,
+        update: UpdateConfig | None = None,
+    ) -> AnalogTile:
+        """A tile of this weight's shape with the configured IO (and device/update unless
+        given)."""
+        return AnalogTile(
+            self.out_features,
+            self.in_features,
+            device_config or self.config.device,
+            forward_io=self.config.forward,
+            backward_io=self.config.backward,
+            update=update or self.config.update,
+            seed=seed,
+            device=device,
+            dtype=dtype,
+        )
 
     # to implement ----------------------------------------------------------------------
+    def _build(self, seed: int, device: torch.device | str | None, dtype: torch.dtype) -> None:
+        """Create the tiles and any state of the rule."""
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -79,33 +115,13 @@ class AnalogWeight(nn.Module):
 class SingleTileWeight(AnalogWeight):
     """``analog-sgd`` and ``digital-sgd``: the weight is one tile."""
 
-    def __init__(
-        self,
-        out_features: int,
-        in_features: int,
-        config: AnalogConfig,
-        seed: int,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        super().__init__(out_features, in_features, config)
-        device_config = config.device
-        update = config.update
-        if config.rule == "digital-sgd":
-            device_config = DeviceConfig(kind="ideal")
-            update = UpdateConfig(mode="expected", granularity="batch")
-        self.tile = AnalogTile(
-            out_features,
-            in_features,
-            device_config,
-            forward_io=config.forward,
-            backward_io=config.backward,
-            update=update,
-            seed=seed,
-            device=device,
-            dtype=dtype,
-        )
+    def _build(self, seed: int, device: torch.device | str | None, dtype: torch.dtype) -> None:
+        if self.config.rule == "digital-sgd":
+            ideal = DeviceConfig(kind="ideal")
+            exact = UpdateConfig(mode="expected", granularity="batch")
+            self.tile = self._tile(seed, device, dtype, ideal, exact)
+        else:
+            self.tile = self._tile(seed, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tile(x)
@@ -126,33 +142,12 @@ class SingleTileWeight(AnalogWeight):
 class TikiTakaWeight(AnalogWeight):
     """Tiki-Taka v1 with a fast tile ``fast`` (A) and a slow tile ``slow`` (C)."""
 
-    def __init__(
-        self,
-        out_features: int,
-        in_features: int,
-        config: AnalogConfig,
-        seed: int,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        super().__init__(out_features, in_features, config)
-        kwargs = dict(
-            forward_io=config.forward,
-            backward_io=config.backward,
-            update=config.update,
-            device=device,
-            dtype=dtype,
-        )
-        self.fast = AnalogTile(
-            out_features, in_features, config.device, seed=derive_seed(seed, "A"), **kwargs
-        )
-        self.slow = AnalogTile(
-            out_features, in_features, config.device, seed=derive_seed(seed, "C"), **kwargs
-        )
-        tt = config.tiki_taka
+    def _build(self, seed: int, device: torch.device | str | None, dtype: torch.dtype) -> None:
+        self.fast = self._tile(derive_seed(seed, "A"), device, dtype)
+        self.slow = self._tile(derive_seed(seed, "C"), device, dtype)
+        tt = self.config.tiki_taka
         self.transfer_every = tt.transfer_every
-        self.transfer_columns = min(tt.transfer_columns or in_features, in_features)
+        self.transfer_columns = min(tt.transfer_columns or self.in_features, self.in_features)
         self.transfer_lr = tt.transfer_lr
         self.gamma = tt.gamma
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
