@@ -17,10 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from aimcpipe.scheduler.actions import format_microbatches
+from aimcpipe.scheduler.actions import Action, format_microbatches
 from aimcpipe.scheduler.simulate import SimResult
 
-__all__ = ["TIME_UNIT_NOTE", "chrome_trace", "write_chrome_trace"]
+__all__ = ["TIME_UNIT_NOTE", "chrome_trace", "track_events", "write_chrome_trace"]
 
 TIME_UNIT_NOTE = "cycles written as microseconds: 1 us in the viewer = 1 simulated cycle"
 
@@ -36,6 +36,58 @@ def default_label(result: SimResult) -> str:
     )
 
 
+def track_events(
+    pid: int,
+    label: str,
+    stages: Sequence[Sequence[Action]],
+    starts: Sequence[Sequence[float]],
+    ends: Sequence[Sequence[float]],
+) -> list[dict[str, Any]]:
+    """Trace events of one run: a process ``pid`` named ``label`` with one track per stage
+    and one complete event per action (``starts[s][i]``/``ends[s][i]`` in the trace's µs).
+    Shared by simulations (cycles) and real runs (microseconds)."""
+    events: list[dict[str, Any]] = [
+        {"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": label}},
+        {
+            "ph": "M",
+            "name": "process_sort_index",
+            "pid": pid,
+            "tid": 0,
+            "args": {"sort_index": pid},
+        },
+    ]
+    for s, acts in enumerate(stages):
+        events.append(
+            {"ph": "M", "name": "thread_name", "pid": pid, "tid": s, "args": {"name": f"stage {s}"}}
+        )
+        events.append(
+            {
+                "ph": "M",
+                "name": "thread_sort_index",
+                "pid": pid,
+                "tid": s,
+                "args": {"sort_index": s},
+            }
+        )
+        stage_starts = starts[s]
+        stage_ends = ends[s]
+        for i, (kind, _, mbs) in enumerate(acts):
+            events.append(
+                {
+                    "name": kind + format_microbatches(mbs),
+                    "cat": _CATEGORY[kind],
+                    "ph": "X",
+                    "ts": stage_starts[i],
+                    "dur": stage_ends[i] - stage_starts[i],
+                    "pid": pid,
+                    "tid": s,
+                    "cname": _CNAME[kind],
+                    "args": {"stage": s, "microbatches": format_microbatches(mbs)},
+                }
+            )
+    return events
+
+
 def chrome_trace(
     results: SimResult | Sequence[SimResult], labels: Sequence[str] | None = None
 ) -> dict[str, Any]:
@@ -45,53 +97,7 @@ def chrome_trace(
     labels = list(labels) if labels is not None else [default_label(r) for r in results]
     events: list[dict[str, Any]] = []
     for pid, (result, label) in enumerate(zip(results, labels, strict=True)):
-        events.append(
-            {"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": label}}
-        )
-        events.append(
-            {
-                "ph": "M",
-                "name": "process_sort_index",
-                "pid": pid,
-                "tid": 0,
-                "args": {"sort_index": pid},
-            }
-        )
-        for s, acts in enumerate(result.schedule.stages):
-            events.append(
-                {
-                    "ph": "M",
-                    "name": "thread_name",
-                    "pid": pid,
-                    "tid": s,
-                    "args": {"name": f"stage {s}"},
-                }
-            )
-            events.append(
-                {
-                    "ph": "M",
-                    "name": "thread_sort_index",
-                    "pid": pid,
-                    "tid": s,
-                    "args": {"sort_index": s},
-                }
-            )
-            starts = result.starts[s]
-            ends = result.ends[s]
-            for i, (kind, _, mbs) in enumerate(acts):
-                events.append(
-                    {
-                        "name": kind + format_microbatches(mbs),
-                        "cat": _CATEGORY[kind],
-                        "ph": "X",
-                        "ts": starts[i],
-                        "dur": ends[i] - starts[i],
-                        "pid": pid,
-                        "tid": s,
-                        "cname": _CNAME[kind],
-                        "args": {"stage": s, "microbatches": format_microbatches(mbs)},
-                    }
-                )
+        events += track_events(pid, label, result.schedule.stages, result.starts, result.ends)
     return {
         "traceEvents": events,
         "otherData": {

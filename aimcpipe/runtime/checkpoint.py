@@ -1,0 +1,58 @@
+"""Checkpoints written atomically: a crash mid-write leaves the previous checkpoint intact.
+
+A checkpoint holds every stage's full state (block state_dicts with tile weights,
+device-to-device parameters, Tiki-Taka arrays and tile generators; the stage's own random
+state and weight version), the epoch reached, the run's metric accumulators and history, and
+the resolved settings. ``torch.save`` writes it to a temporary file in the same directory,
+which is then renamed over the old one (``os.replace`` is atomic on POSIX).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aimcpipe.errors import ConfigError
+
+__all__ = ["CHECKPOINT_NAME", "load_checkpoint", "save_checkpoint"]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` to ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` (tensors and plain data only)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise ConfigError(
+            f"--resume: no checkpoint at {path} (runs save one with checkpoint_every)"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for damaged files
+        raise ConfigError(f"--resume: {path} is not a readable checkpoint ({exc})") from None
+    if not isinstance(state, dict) or "stages" not in state or "epoch" not in state:
+        raise ConfigError(f"--resume: {path} is not an aimcpipe checkpoint")
+    return state

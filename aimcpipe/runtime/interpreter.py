@@ -1,0 +1,151 @@
+"""The one interpreter: executes a stage's action list against a transport (DESIGN.md §5).
+
+Every backend runs this same code; they differ only in the transport and in who calls
+``step``. A multi-process backend calls :meth:`Interpreter.run` (each receive blocks, with a
+timeout); the in-process backend interleaves all stages with :func:`run_local`, stepping a
+stage only when the messages its next action needs have arrived.
+
+Which messages an action needs and sends is derived from the schedule
+(:func:`aimcpipe.scheduler.received_message` / :func:`~aimcpipe.scheduler.sent_message`),
+plus the central scheduler's data: stage 0's ``F(n)`` receives ``input`` n, the last stage's
+``F(n)`` receives ``target`` n and sends back ``stats`` n (loss, correct count).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from aimcpipe.errors import ScheduleError, StageFailure
+from aimcpipe.runtime.transport import DRIVER, Key, Transport
+from aimcpipe.scheduler import BACKWARD, FORWARD, Action, received_message, sent_message
+from aimcpipe.stages.stage import Stage
+
+__all__ = ["ActionRecord", "Interpreter", "run_local"]
+
+
+@dataclass(frozen=True)
+class ActionRecord:
+    """One executed action with its wall-clock start/end (seconds since the run's origin)."""
+
+    action: Action
+    start: float
+    end: float
+
+
+def _needs(action: Action, num_stages: int) -> list[Key]:
+    kind, s, mbs = action
+    keys: list[Key] = []
+    msg = received_message(action, num_stages)
+    if msg is not None:
+        keys.append((msg.kind, msg.microbatch, msg.src, msg.dst))
+    elif kind == FORWARD:  # stage 0
+        keys.append(("input", mbs[0], DRIVER, s))
+    if kind == FORWARD and s == num_stages - 1:
+        keys.append(("target", mbs[0], DRIVER, s))
+    return keys
+
+
+class Interpreter:
+    """Runs ``actions`` (one stage's list) on ``stage`` in order."""
+
+    def __init__(
+        self,
+        stage: Stage,
+        actions: Sequence[Action],
+        transport: Transport,
+        *,
+        timeout: float = 300.0,
+        origin: float | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        for a in actions:
+            if a.stage != stage.index:
+                raise ScheduleError(f"action {a} is in the list of stage {stage.index}")
+        self.stage = stage
+        self.actions = list(actions)
+        self.transport = transport
+        self.timeout = timeout
+        self.clock = clock
+        self.origin = clock() if origin is None else origin
+        self.position = 0
+        self.records: list[ActionRecord] = []
+        self._needs = [_needs(a, stage.num_stages) for a in self.actions]
+
+    @property
+    def done(self) -> bool:
+        return self.position >= len(self.actions)
+
+    @property
+    def next_action(self) -> Action | None:
+        return None if self.done else self.actions[self.position]
+
+    def ready(self) -> bool:
+        """Whether the next action's messages have all arrived."""
+        return not self.done and all(self.transport.ready(k) for k in self._needs[self.position])
+
+    def step(self) -> Action:
+        """Receive what the next action needs (waiting up to ``timeout``), execute it, send
+        what it produces."""
+        action = self.actions[self.position]
+        inputs = [self.transport.recv(k, self.timeout) for k in self._needs[self.position]]
+        start = self.clock()
+        kind, s, mbs = action
+        stage = self.stage
+        try:
+            if kind == FORWARD:
+                target = inputs[1] if len(inputs) > 1 else None
+                out, stats = stage.forward(mbs[0], inputs[0], target)
+            elif kind == BACKWARD:
+                out = stage.backward(mbs[0], inputs[0] if inputs else None)
+                stats = None
+            else:
+                stage.update(mbs)
+                out = stats = None
+        except (ScheduleError, StageFailure):
+            raise
+        except Exception as exc:
+            raise StageFailure(f"stage {s}: {action} failed: {type(exc).__name__}: {exc}") from exc
+        end = self.clock()
+        msg = sent_message(action, stage.num_stages)
+        if msg is not None:
+            self.transport.send((msg.kind, msg.microbatch, msg.src, msg.dst), out)
+        if stats is not None:
+            self.transport.send(("stats", mbs[0], s, DRIVER), stats)
+        self.records.append(ActionRecord(action, start - self.origin, end - self.origin))
+        self.position += 1
+        return action
+
+    def run(self) -> None:
+        """Execute the whole list (multi-process backends: receives block)."""
+        while not self.done:
+            self.step()
+
+
+def run_local(
+    interpreters: Sequence[Interpreter], on_action: Callable[[Action], None] | None = None
+) -> None:
+    """Interleave all stages in this process: sweep the stages, running each as far as its
+    messages allow. Sweeps alternate direction (forwards flow up, backwards down). A sweep in
+    which no stage can move means the schedule can never finish: raise naming the stuck
+    actions rather than hang."""
+    order = list(interpreters)
+    while True:
+        moved = False
+        for it in order:
+            while it.ready():
+                action = it.step()
+                moved = True
+                if on_action is not None:
+                    on_action(action)
+        if all(it.done for it in interpreters):
+            return
+        if not moved:
+            stuck = "; ".join(
+                f"stage {it.stage.index} stuck at {it.next_action}"
+                for it in interpreters
+                if not it.done
+            )
+            raise ScheduleError(f"the schedule cannot finish: {stuck}")
+        order.reverse()

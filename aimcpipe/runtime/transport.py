@@ -1,0 +1,91 @@
+"""Transports: how stages (and the central scheduler) exchange tensors.
+
+Every message is addressed by ``(kind, micro-batch, src, dst)``; the interpreter derives which
+message an action needs from the schedule (``aimcpipe.scheduler.received_message``), so the
+transports know nothing of policies. Kinds:
+
+* ``activation`` (F output, stage s → s+1) and ``gradient`` (B output, s → s−1);
+* ``input`` (central scheduler → stage 0) and ``target`` (central scheduler → last stage);
+* ``stats`` (last stage → central scheduler: the micro-batch's loss and correct count).
+
+The central scheduler's address is :data:`DRIVER` (−1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+
+from aimcpipe.errors import StageFailure
+
+__all__ = ["DRIVER", "Key", "LocalTransport", "Transport"]
+
+DRIVER = -1
+
+Key = tuple[str, int, int, int]  # (kind, micro-batch, src, dst)
+
+
+class Transport(Protocol):
+    """What the interpreter needs from a transport."""
+
+    def send(self, key: Key, payload: Any) -> None: ...
+
+    def ready(self, key: Key) -> bool:
+        """Whether ``recv(key)`` would return without waiting."""
+        ...
+
+    def recv(self, key: Key, timeout: float) -> Any:
+        """The payload of ``key``; raises :class:`StageFailure` after ``timeout`` seconds."""
+        ...
+
+
+def _copy(payload: Any) -> Any:
+    """What crosses a process boundary is a copy; the in-process transport copies too, so a
+    stage that modifies its input in place cannot corrupt its neighbour's autograd graph."""
+    if isinstance(payload, torch.Tensor):
+        return payload.detach().clone()
+    return payload
+
+
+class LocalTransport:
+    """All stages in one process: a mailbox. Messages from the central scheduler are produced
+    on demand by ``feed(key)`` so an epoch's data is never materialised twice."""
+
+    def __init__(self, feed: Callable[[Key], Any] | None = None) -> None:
+        self._box: dict[Key, Any] = {}
+        self._feed = feed
+        self.bytes_sent: dict[int, int] = {}
+
+    def send(self, key: Key, payload: Any) -> None:
+        if key in self._box:
+            raise StageFailure(f"stage {key[2]}: message {key} sent twice")
+        payload = _copy(payload)
+        if isinstance(payload, torch.Tensor) and key[2] != DRIVER:
+            nbytes = payload.numel() * payload.element_size()
+            self.bytes_sent[key[2]] = self.bytes_sent.get(key[2], 0) + nbytes
+        self._box[key] = payload
+
+    def ready(self, key: Key) -> bool:
+        return key in self._box or (key[2] == DRIVER and self._feed is not None)
+
+    def recv(self, key: Key, timeout: float = 0.0) -> Any:
+        if key in self._box:
+            return self._box.pop(key)
+        if key[2] == DRIVER and self._feed is not None:
+            return self._feed(key)
+        # In one process nothing can arrive while we wait: a missing message is a bug in
+        # the schedule or the runner, never something to wait for.
+        raise StageFailure(
+            f"stage {key[3]}: message {key[0]} of micro-batch {key[1]} from "
+            f"stage {key[2]} never arrived"
+        )
+
+    def take_all(self, kind: str, dst: int) -> dict[int, Any]:
+        """Remove and return every waiting message of ``kind`` for ``dst``, by micro-batch."""
+        keys = [k for k in self._box if k[0] == kind and k[3] == dst]
+        return {k[1]: self._box.pop(k) for k in keys}
+
+    def pending(self) -> list[Key]:
+        return list(self._box)

@@ -1,0 +1,225 @@
+"""Stage + interpreter on the in-process transport: the numerical facts of DESIGN.md §4."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aimcpipe.analog import AnalogConfig, AnalogSGD, DeviceConfig, UpdateConfig, convert
+from aimcpipe.errors import ScheduleError
+from aimcpipe.runtime.interpreter import Interpreter, run_local
+from aimcpipe.runtime.transport import LocalTransport
+from aimcpipe.scheduler import Action, Schedule, build_schedule, order_metrics
+from aimcpipe.stages.stage import Stage
+
+B = 4  # micro-batch size
+ASYMMETRIC = AnalogConfig(
+    rule="analog-sgd",
+    device=DeviceConfig(kind="soft-bounds", tau=1.0),
+    update=UpdateConfig(mode="expected", granularity="sample"),
+)
+
+
+def _model(config: AnalogConfig | None = ASYMMETRIC, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    digital = nn.Sequential(
+        nn.Sequential(nn.Linear(6, 8), nn.Tanh()),
+        nn.Sequential(nn.Linear(8, 8), nn.Tanh()),
+        nn.Sequential(nn.Linear(8, 8), nn.Tanh()),
+        nn.Linear(8, 3),
+    )
+    return digital if config is None else convert(digital, config, seed=seed)
+
+
+def _data(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and learnable labels (the argmax of a fixed linear map)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(count * B, 6, generator=g)
+    return x, (x @ torch.randn(6, 3, generator=g)).argmax(dim=1)
+
+
+def _run(model: nn.Sequential, schedule: Schedule, lr: float = 0.2) -> list[Stage]:
+    """Execute ``schedule`` on ``model``'s blocks split evenly over its stages."""
+    blocks = [(str(i), m) for i, m in enumerate(model)]
+    s_count = schedule.num_stages
+    per = len(blocks) // s_count
+    stages = [
+        Stage(
+            s,
+            s_count,
+            blocks[s * per : (s + 1) * per] if s < s_count - 1 else blocks[s * per :],
+            lr=lr,
+            loss_fn=F.cross_entropy if s == s_count - 1 else None,
+            weight_stashing=schedule.weight_stashing,
+        )
+        for s in range(s_count)
+    ]
+    x, y = _data(schedule.num_microbatches)
+
+    def feed(key):
+        kind, n, _, _ = key
+        return (x if kind == "input" else y)[n * B : (n + 1) * B]
+
+    transport = LocalTransport(feed)
+    run_local([Interpreter(st, schedule.stages[s], transport) for s, st in enumerate(stages)])
+    return stages
+
+
+def _plain(model: nn.Sequential, bm: int, k: int, lr: float = 0.2) -> nn.Sequential:
+    """Non-pipelined mini-batch training of the whole model (the reference)."""
+    x, y = _data(bm * k)
+    opt = AnalogSGD(model, lr=lr)
+    for mb in range(k):
+        opt.zero_grad()
+        for n in range(mb * bm, (mb + 1) * bm):
+            F.cross_entropy(model(x[n * B : (n + 1) * B]), y[n * B : (n + 1) * B]).backward()
+        opt.step(scale=1.0 / bm)
+    return model
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def _max_diff(a: nn.Module, b: nn.Module) -> float:
+    sa, sb = _state(a), _state(b)
+    return max(float((sa[k] - sb[k]).abs().max()) for k in sa if sa[k].numel())
+
+
+def _assert_same(a: nn.Module, b: nn.Module, atol: float = 1e-6) -> None:
+    sa, sb = _state(a), _state(b)
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], atol=atol, rtol=0, msg=key)
+
+
+@pytest.mark.parametrize("config", [ASYMMETRIC, None], ids=["analog", "digital"])
+@pytest.mark.parametrize("num_stages", [1, 2, 4])
+def test_wop_and_sync_equal_plain_minibatch_training(config, num_stages):
+    bm, k = 3, 2
+    base = _model(config)
+    plain = _plain(copy.deepcopy(base), bm, k)
+    for policy in ("wop", "sync-1f1b", "gpipe"):
+        model = copy.deepcopy(base)
+        _run(model, build_schedule(policy, num_stages, bm, k))
+        _assert_same(model, plain)
+    assert _max_diff(plain, base) > 1e-3  # training changed the weights: the comparison is not vacuous
+
+
+def test_async_one_stage_equals_wop_with_one_microbatch_per_minibatch():
+    base = _model()
+    a = copy.deepcopy(base)
+    _run(a, build_schedule("async", 1, 4, 2))
+    w = copy.deepcopy(base)
+    _run(w, build_schedule("wop", 1, 1, 8))
+    _assert_same(a, w)
+
+
+def test_async_differs_from_sync_with_several_stages():
+    base = _model()
+    a, s = copy.deepcopy(base), copy.deepcopy(base)
+    _run(a, build_schedule("async", 4, 4, 2))
+    _run(s, build_schedule("sync-1f1b", 4, 4, 2))
+    assert _max_diff(a, s) > 1e-4
+
+
+@pytest.mark.parametrize("policy", ["wop", "sync-1f1b", "async", "gpipe"])
+def test_observed_staleness_and_stash_match_the_schedule(policy):
+    num_stages, bm, k = 4, 5, 2
+    schedule = build_schedule(policy, num_stages, bm, k)
+    stages = _run(_model(), schedule)
+    expected = order_metrics(schedule)
+    observed = [st.counters.max_staleness for st in stages]
+    assert observed == list(expected.update_delay)
+    if policy == "async":
+        assert observed == [num_stages - 1 - s for s in range(num_stages)]
+    else:
+        assert observed == [0] * num_stages
+    assert [st.counters.peak_stash for st in stages] == list(expected.peak_stash)
+    assert all(st.idle for st in stages)
+    assert all(st.counters.updates_applied == bm * k for st in stages)
+
+
+def test_async_backward_sees_updates_its_forward_did_not():
+    """Staleness is real, not just counted: on stage 1 of 4, backwards run after updates
+    their forwards did not see, so the transposed MVM that computes stage 0's error uses
+    newer weights; weight stashing runs it on the forward's weights instead."""
+    base = _model()
+    plain_async = copy.deepcopy(base)
+    _run(plain_async, build_schedule("async", 4, 4, 1))
+    stashed = copy.deepcopy(base)
+    stages = _run(stashed, build_schedule("async", 4, 4, 1, weight_stashing=True))
+    assert stages[1].weight_stashing
+    assert _max_diff(plain_async, stashed) > 1e-6
+    assert not stages[0]._snapshots  # snapshots are freed once their backwards ran
+
+
+def test_weight_stashing_with_one_stage_changes_nothing():
+    base = _model()
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    _run(a, build_schedule("async", 1, 3, 2))
+    _run(b, build_schedule("async", 1, 3, 2, weight_stashing=True))
+    _assert_same(a, b, atol=0)
+
+
+def test_tiki_taka_trains_in_a_pipeline():
+    config = AnalogConfig(
+        rule="tiki-taka", device=DeviceConfig(kind="soft-bounds", tau=1.0, dw_min=1e-3)
+    )
+    model = _model(config)
+    x, y = _data(24)
+    before = F.cross_entropy(model(x), y).item()
+    stages = _run(model, build_schedule("async", 4, 8, 3), lr=0.3)
+    after = F.cross_entropy(model(x), y).item()
+    assert after < before - 0.05
+    tt = stages[0].analog[0].analog
+    assert int(tt.updates) == 24  # one fast-tile update per micro-batch under async
+    assert tt.slow.weight.abs().sum() > 0
+
+
+def test_update_of_a_microbatch_without_backward_is_a_schedule_error():
+    model = _model()
+    bad = Schedule("custom", [[Action("F", 0, 0), Action("U", 0, (0,))]], 1)
+    blocks = [(str(i), m) for i, m in enumerate(model)]
+    stage = Stage(0, 1, blocks, lr=0.1, loss_fn=F.cross_entropy)
+    x, y = _data(1)
+    transport = LocalTransport(lambda key: x[:B] if key[0] == "input" else y[:B])
+    with pytest.raises(ScheduleError, match="no completed backward"):
+        run_local([Interpreter(stage, bad.stages[0], transport)])
+
+
+def test_a_schedule_that_cannot_finish_names_the_stuck_stages():
+    model = _model()
+    blocks = [(str(i), m) for i, m in enumerate(model)]
+    stages = [
+        Stage(0, 2, blocks[:2], lr=0.1),
+        Stage(1, 2, blocks[2:], lr=0.1, loss_fn=F.cross_entropy),
+    ]
+    # stage 1 waits for a forward stage 0 never runs
+    lists = [[Action("F", 0, 0)], [Action("F", 1, 1)]]
+    x, y = _data(2)
+    transport = LocalTransport(lambda key: (x if key[0] == "input" else y)[:B])
+    with pytest.raises(ScheduleError, match="stage 1 stuck at 1F1"):
+        run_local([Interpreter(st, lists[s], transport) for s, st in enumerate(stages)])
+
+
+def test_stage_state_round_trip_continues_identically():
+    base = _model()
+    first = copy.deepcopy(base)
+    stages = _run(first, build_schedule("async", 2, 2, 1))
+    states = [st.state_dict() for st in stages]
+    assert states[0]["version"] == 2
+    clone = copy.deepcopy(base)
+    blocks = [(str(i), m) for i, m in enumerate(clone)]
+    fresh = [
+        Stage(0, 2, blocks[:2], lr=0.2),
+        Stage(1, 2, blocks[2:], lr=0.2, loss_fn=F.cross_entropy),
+    ]
+    for st, state in zip(fresh, states, strict=True):
+        st.load_state_dict(state)
+    _assert_same(clone, first, atol=0)
+    assert fresh[1].version == 2
