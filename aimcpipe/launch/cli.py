@@ -24,6 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "aimcpipe.launch.lsq_cmd",
         "least-squares reproduction of arXiv 2406.12774 (asymptotic error of Analog SGD)",
     ),
+    "train": (
+        "aimcpipe.launch.train_cmd",
+        "train a model on simulated analog tiles with a pipeline policy",
+    ),
     "simulate": (
         "aimcpipe.launch.simulate_cmd",
         "simulate pipeline schedules with the cycle cost model (speedup, utilization)",

@@ -348,7 +348,7 @@ class Pipeline:
         (self.out / "partition.json").write_text(
             json.dumps(self.partition.to_dict(), indent=2) + "\n"
         )
-        if self.settings is not None and not (self.out / "config.yaml").exists():
+        if self.settings is not None:
             import yaml
 
             (self.out / "config.yaml").write_text(yaml.safe_dump(self.settings, sort_keys=False))

@@ -1,0 +1,166 @@
+"""Build and run a training job from a validated ``TrainConfig`` (what ``aimcpipe train`` does).
+
+Kept apart from the argument parsing so notebooks and scripts can call it::
+
+    from aimcpipe.launch.train import train
+    metrics = train("configs/digits-analog.yaml", out="runs/digits", overrides=["epochs=3"])
+
+Order of work: validate the config, load the data and build the model (every error so far
+leaves nothing on disk), then create the run directory and train. The directory is written
+as the run goes — ``config.yaml``, ``history.jsonl`` and ``checkpoint.pt`` each epoch — and
+``metrics.json`` last, so an interrupted run keeps its checkpoint for ``--resume``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from aimcpipe.analog.convert import convert
+from aimcpipe.errors import ConfigError
+from aimcpipe.launch.train_config import (
+    TrainConfig,
+    apply_overrides,
+    load_config,
+    parse_overrides,
+)
+from aimcpipe.runtime.checkpoint import CHECKPOINT_NAME
+from aimcpipe.runtime.datasets import Dataset, load_dataset
+from aimcpipe.runtime.metrics import RunMetrics
+from aimcpipe.runtime.pipeline import Pipeline
+from aimcpipe.seeding import derive_seed
+from aimcpipe.stages.zoo import build_model
+
+__all__ = ["build_job", "resolve_config", "train"]
+
+log = logging.getLogger(__name__)
+
+# what may change when a run is resumed: nothing that would change its numbers so far
+RESUMABLE_KEYS = {"epochs", "checkpoint_every"}
+
+
+def resolve_config(
+    config: str | Path | dict[str, Any] | None,
+    overrides: Sequence[str] = (),
+    resume: str | Path | None = None,
+) -> TrainConfig:
+    """Load (or take) the YAML data, apply ``key.path=value`` overrides, validate."""
+    parsed = parse_overrides(overrides)
+    if resume is not None:
+        if config is not None:
+            raise ConfigError("--resume: give the run directory only; its config.yaml is used")
+        bad = [".".join(path) for path, _ in parsed if ".".join(path) not in RESUMABLE_KEYS]
+        if bad:
+            raise ConfigError(
+                f"--set {bad[0]}: a resumed run keeps its config; only "
+                f"{', '.join(sorted(RESUMABLE_KEYS))} may change"
+            )
+        config = Path(resume) / "config.yaml"
+    if config is None:
+        raise ConfigError("CONFIG: give a config file (see configs/) or --resume DIR")
+    data = dict(config) if isinstance(config, dict) else load_config(config)
+    apply_overrides(data, parsed)
+    return TrainConfig.from_dict(data)
+
+
+def build_job(
+    cfg: TrainConfig,
+    *,
+    out: Path | None = None,
+    progress: bool = True,
+    model: nn.Module | None = None,
+) -> tuple[Pipeline, Dataset, Dataset]:
+    """Data, model (converted to analog if configured) and pipeline for ``cfg``."""
+    d = cfg.data
+    train_data, test_data = load_dataset(
+        d.name,
+        d.root,
+        seed=cfg.seed,
+        limit_train=d.limit_train,
+        limit_test=d.limit_test,
+        **d.options,
+    )
+    if model is None:
+        model = build_model(cfg.model.target, cfg.model.kwargs, seed=cfg.seed)
+    analog = cfg.analog_config()
+    if analog is not None:
+        try:
+            model = convert(
+                model,
+                analog,
+                seed=derive_seed(cfg.seed, "analog"),
+                exclude=cfg.model.analog_exclude,
+                inplace=True,
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"model.analog_exclude: {exc}") from None
+    elif cfg.model.analog_exclude:
+        raise ConfigError("model.analog_exclude: only meaningful with an analog section")
+    p = cfg.pipeline
+    example = train_data.x[: p.microbatch_size] if p.partition == "time" else None
+    pipe = Pipeline(
+        model,
+        stages=p.stages,
+        partition=p.partition,
+        policy=p.policy,
+        microbatches=p.microbatches,
+        microbatch_size=p.microbatch_size,
+        lr=cfg.optim.lr,
+        lr_schedule=cfg.optim.lr_schedule,
+        weight_stashing=p.weight_stashing,
+        seed=cfg.seed,
+        costs=cfg.cost.model(),
+        tile_size=p.tile_size,
+        example_input=example,
+        eval_batch_size=cfg.eval_batch_size,
+        out=out,
+        checkpoint_every=cfg.checkpoint_every,
+        progress=progress,
+        settings=cfg.to_dict(),
+    )
+    pipe._minibatches(train_data)  # too little data is a config error, found before any work
+    return pipe, train_data, test_data
+
+
+def train(
+    config: str | Path | dict[str, Any] | None = None,
+    *,
+    out: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    resume: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> RunMetrics:
+    """Run a training job; returns its metrics. ``resume`` continues the run directory of an
+    interrupted (or shorter) run; ``out`` must then be omitted or the same directory."""
+    cfg = resolve_config(config, overrides, resume)
+    if resume is not None:
+        run_dir = Path(resume)
+        if out is not None and Path(out).resolve() != run_dir.resolve():
+            raise ConfigError("--out: a resumed run continues in its own directory")
+        if not (run_dir / CHECKPOINT_NAME).is_file():
+            raise ConfigError(f"--resume: {run_dir} has no {CHECKPOINT_NAME} to continue from")
+    else:
+        run_dir = Path(out) if out is not None else None
+        if run_dir is not None:
+            if run_dir.exists() and not run_dir.is_dir():
+                raise ConfigError(f"--out: {run_dir} exists and is not a directory")
+            if run_dir.is_dir() and any(run_dir.iterdir()) and not force:
+                raise ConfigError(
+                    f"--out: {run_dir} is not empty; choose a new directory, add --force, "
+                    "or --resume it"
+                )
+    pipe, train_data, test_data = build_job(cfg, out=None, progress=progress)
+    if resume is not None:
+        pipe.load_checkpoint(run_dir)
+        if pipe.epoch >= cfg.epochs:
+            log.info("%s already trained %d of %d epochs", run_dir, pipe.epoch, cfg.epochs)
+    elif run_dir is not None and run_dir.exists():
+        shutil.rmtree(run_dir)  # --force: a fresh run must not inherit an old checkpoint
+    pipe.out = run_dir
+    return pipe.fit(train_data, test_data, cfg.epochs)

@@ -1,0 +1,222 @@
+"""The ``aimcpipe train`` YAML schema: dataclasses with documented defaults, validated on load.
+
+Every unknown key, wrong type or impossible value is a one-line ``ConfigError`` naming the
+key path (``pipeline.microbatches: must be an integer >= 1, got 0``). ``--set key.path=value``
+overrides are applied to the plain YAML data *before* validation, so they are checked the
+same way. A full example with every key is ``configs/digits-analog.yaml``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from aimcpipe.analog.config import AnalogConfig
+from aimcpipe.dataconf import from_dict, to_dict
+from aimcpipe.errors import ConfigError
+from aimcpipe.runtime.lr import LRSchedule
+from aimcpipe.scheduler import CostModel
+
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "PipelineConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "load_config",
+    "parse_overrides",
+]
+
+
+def _at_least(path: str, value: Any, minimum: int) -> None:
+    if value is not None and value < minimum:
+        raise ConfigError(f"{path}: must be >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A zoo model by ``name`` (lsq, fcn, digits-fcn, lenet, resnet10, resnet18) or a user
+    ``factory`` by import path (``"my_pkg.models:build"``), called with ``kwargs``.
+    ``analog_exclude`` lists layers (qualified names) that stay digital."""
+
+    name: str | None = None
+    factory: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    analog_exclude: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if (self.name is None) == (self.factory is None):
+            raise ConfigError("name: give exactly one of model.name or model.factory")
+        if self.factory is not None and ":" not in self.factory:
+            raise ConfigError(
+                f"factory: {self.factory!r} is not an import path; write 'package.module:function'"
+            )
+
+    @property
+    def target(self) -> str:
+        return self.name if self.name is not None else str(self.factory)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """A dataset: ``lsq`` (synthetic), ``digits`` (scikit-learn, offline), ``mnist`` (folder of
+    IDX files), ``cifar10`` (folder of python batches). ``limit_*`` keep the first samples
+    for quick runs; ``options`` go to the reader (e.g. ``test_fraction`` for digits)."""
+
+    name: str = "digits"
+    root: str | None = None
+    limit_train: int | None = None
+    limit_test: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """How the model is cut and scheduled. ``partition``: ``uniform``, ``params``, ``tiles``,
+    ``time``, a list of blocks per stage (``[2, 1, 1]``) or the names of the first block of
+    stages 1.. (``[fc3]``). A mini-batch is ``microbatches`` × ``microbatch_size`` samples."""
+
+    backend: Literal["local"] = "local"
+    policy: Literal["wop", "sync-1f1b", "async", "gpipe"] = "sync-1f1b"
+    stages: int | None = None
+    partition: str | list[int] | list[str] = "uniform"
+    tile_size: int = 512
+    microbatches: int = 4
+    microbatch_size: int = 16
+    weight_stashing: bool = False
+
+    def __post_init__(self) -> None:
+        _at_least("stages", self.stages, 1)
+        _at_least("tile_size", self.tile_size, 1)
+        _at_least("microbatches", self.microbatches, 1)
+        _at_least("microbatch_size", self.microbatch_size, 1)
+        if self.weight_stashing and self.policy != "async":
+            raise ConfigError("weight_stashing: only the async policy stashes weights")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """SGD learning rate (analog updates and digital parameters alike) and its schedule."""
+
+    lr: float = 0.1
+    lr_schedule: LRSchedule = field(default_factory=LRSchedule)
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ConfigError(f"lr: must be > 0, got {self.lr!r}")
+
+
+@dataclass(frozen=True)
+class CostConfig:
+    """Cycles per action for the cost model (DESIGN.md §4); default AIMC F=B=U=1."""
+
+    forward: int | float = 1
+    backward: int | float = 1
+    update: int | float = 1
+    latency: int | float = 0
+
+    def model(self) -> CostModel:
+        return CostModel(
+            forward=self.forward, backward=self.backward, update=self.update, latency=self.latency
+        )
+
+    def __post_init__(self) -> None:
+        try:
+            self.model()
+        except ConfigError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A whole training run. ``analog: null`` trains the torch model digitally (plain SGD);
+    otherwise every Linear/Conv2d becomes an analog layer with this AnalogConfig."""
+
+    model: ModelConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    analog: dict[str, Any] | None = None
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
+    epochs: int = 1
+    seed: int = 0
+    checkpoint_every: int = 1
+    eval_batch_size: int = 1000
+
+    def __post_init__(self) -> None:
+        _at_least("epochs", self.epochs, 1)
+        _at_least("checkpoint_every", self.checkpoint_every, 0)
+        _at_least("eval_batch_size", self.eval_batch_size, 1)
+        if self.analog is not None:
+            self.analog_config()  # validate now, with the key path
+
+    def analog_config(self) -> AnalogConfig | None:
+        if self.analog is None:
+            return None
+        return AnalogConfig.from_dict(self.analog, path="analog")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"config: expected a mapping at the top level, got {data!r}")
+        if "model" not in data:
+            raise ConfigError("model: required (e.g. model: {name: digits-fcn})")
+        return from_dict(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (the resolved ``config.yaml`` of a run)."""
+        return to_dict(self)
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """The plain YAML data of a config file (validate with ``TrainConfig.from_dict``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"CONFIG: {path} does not exist (see configs/ for examples)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"CONFIG: {path}{where} is not valid YAML") from None
+    if data is None:
+        raise ConfigError(f"CONFIG: {path} is empty")
+    if not isinstance(data, dict):
+        raise ConfigError(f"CONFIG: {path} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def parse_overrides(items: Sequence[str]) -> list[tuple[list[str], Any]]:
+    """``["pipeline.stages=4", "analog.device.tau=0.5"]`` -> key paths and YAML values."""
+    out = []
+    for item in items:
+        key, eq, text = item.partition("=")
+        path = key.strip().split(".")
+        if not eq or not all(path):
+            raise ConfigError(f"--set: cannot read {item!r}; write key.path=value (e.g. epochs=5)")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(f"--set: {key}={text!r} is not a YAML value") from None
+        out.append((path, value))
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[tuple[list[str], Any]]) -> None:
+    """Set each key path in ``data`` (creating mappings on the way)."""
+    for path, value in overrides:
+        node = data
+        for i, key in enumerate(path[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            elif not isinstance(child, dict):
+                where = ".".join(path[: i + 1])
+                raise ConfigError(f"--set: {where} is {child!r}, not a mapping of keys")
+            node = child
+        node[path[-1]] = value
