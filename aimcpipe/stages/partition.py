@@ -206,13 +206,14 @@ def _backward(output: Any) -> None:
 
 
 def _detach(output: Any) -> Any:
-    def one(t: Any) -> Any:
-        if not isinstance(t, torch.Tensor):
-            return t
-        t = t.detach()
+    """The next block's input: cut from the previous block's graph, a leaf that wants a
+    gradient if it is floating point (so the next block's backward runs as in the pipeline)."""
+    if isinstance(output, torch.Tensor):
+        t = output.detach()
         return t.requires_grad_() if t.is_floating_point() else t
-
-    return one(output) if isinstance(output, torch.Tensor) else type(output)(map(one, output))
+    if isinstance(output, tuple | list):
+        return type(output)(_detach(t) for t in output)
+    return output
 
 
 def measure_block_times(blocks: Blocks, example_input: Any, repeats: int = 3) -> list[float]:
@@ -225,6 +226,9 @@ def measure_block_times(blocks: Blocks, example_input: Any, repeats: int = 3) ->
     batch-norm statistics, no consumed tile or dropout random numbers."""
     modules = copy.deepcopy([module for _, module in blocks])
     samples: list[list[float]] = [[] for _ in modules]
+    on_gpu = any(t.is_cuda for m in modules for t in m.parameters()) or (
+        isinstance(example_input, torch.Tensor) and example_input.is_cuda
+    )
     with torch.random.fork_rng(devices=[]):
         for _ in range(repeats):
             x = _detach(example_input)
@@ -232,6 +236,8 @@ def measure_block_times(blocks: Blocks, example_input: Any, repeats: int = 3) ->
                 start = time.perf_counter()
                 y = module(x)
                 _backward(y)
+                if on_gpu:  # kernels run asynchronously: wait for them before reading the clock
+                    torch.cuda.synchronize()
                 samples[k].append(time.perf_counter() - start)
                 x = _detach(y)
     return [statistics.median(s) for s in samples]
