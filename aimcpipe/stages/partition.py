@@ -485,6 +485,17 @@ def partition(
     ``tile_size`` sets the crossbar size for tile counts; ``example_input`` and ``repeats``
     drive the ``time`` method."""
     named = pipeline_blocks(blocks) if isinstance(blocks, nn.Module) else list(blocks)
+    for item in named:
+        if not (
+            isinstance(item, tuple | list)
+            and len(item) == 2
+            and isinstance(item[0], str)
+            and isinstance(item[1], nn.Module)
+        ):
+            raise ConfigError(
+                f"partition: blocks must be a model or a list of (name, module) pairs, got an "
+                f"entry {type(item).__name__}; use pipeline_blocks(model) to get the pairs"
+            )
     if not named:
         raise ConfigError("partition: no blocks to split; a pipeline needs >= 1 block")
     names = tuple(name for name, _ in named)

@@ -326,6 +326,11 @@ def test_method_errors_list_what_is_allowed():
     raises("apply only to named methods", model, None, [2, 2], depth=2)
 
 
+def test_blocks_must_be_a_model_or_named_pairs():
+    raises(r"list of \(name, module\) pairs, got an entry Linear", [nn.Linear(2, 2)], 1)
+    raises("no blocks to split", [], 1)
+
+
 def test_callable_failures_are_wrapped_and_named():
     def broken(blocks, num_stages):
         raise RuntimeError("boom\nsecond line")
