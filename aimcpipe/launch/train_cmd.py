@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     final = result["final"]
-    line = [f"{result['policy']} on {result['stages']} stage(s), {result['epochs']} epoch(s):"]
+    line = [f"{result['policy']} on {result['stages']} stage(s), {result['epochs']} epoch(s)"]
     line.append(f"train loss {final['train_loss']:.4f}")
     if final.get("test_loss") is not None:
         line.append(f"test loss {final['test_loss']:.4f}")

@@ -107,7 +107,9 @@ def test_wop_and_sync_equal_plain_minibatch_training(config, num_stages):
         model = copy.deepcopy(base)
         _run(model, build_schedule(policy, num_stages, bm, k))
         _assert_same(model, plain)
-    assert _max_diff(plain, base) > 1e-3  # training changed the weights: the comparison is not vacuous
+    assert (
+        _max_diff(plain, base) > 1e-3
+    )  # training changed the weights: the comparison is not vacuous
 
 
 def test_async_one_stage_equals_wop_with_one_microbatch_per_minibatch():
