@@ -257,7 +257,7 @@ def test_digits_analog_fcn_in_four_stages_learns_under_every_policy(digits):
             pipe = Pipeline(
                 _analog_fcn(AnalogConfig(rule=rule, device=ALD.device)), stages=4,
                 policy=policy, microbatches=4, microbatch_size=8, lr=0.1,
-                lr_schedule=LRSchedule(kind="step", step_epochs=10, gamma=0.5), progress=False,
+                lr_schedule=LRSchedule(kind="step", step_epochs=5, gamma=0.5), progress=False,
             )  # fmt: skip
             accuracy[rule, policy] = pipe.fit(train, test, epochs=15).final["test_accuracy"]
     analog = {p: a for (r, p), a in accuracy.items() if r == "analog-sgd"}
