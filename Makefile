@@ -1,12 +1,12 @@
 # Two entry points for a fresh machine with only Python 3.11 and pip:
-#   make run   - set up .venv and run the main job on the embedded default
+#   make run   - set up .venv and run the main job on the embedded default (digits pipeline)
 #   make test  - set up .venv, lint, run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run lsq test lint bench clean
 
 setup: $(STAMP)
 
@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 run: $(STAMP)
+	$(BIN)/aimcpipe train configs/digits-analog.yaml --out runs/digits --force
+
+lsq: $(STAMP)
 	$(BIN)/aimcpipe lsq --out runs/lsq --force
 
 lint: $(STAMP)

@@ -39,9 +39,7 @@ def main() -> None:
             progress=False,
         )
         metrics = result.to_dict()
-        runs.append(
-            {"rule": rule, "policy": policy, "metrics": metrics, "history": result.history}
-        )
+        runs.append({"rule": rule, "policy": policy, "metrics": metrics, "history": result.history})
         final = metrics["final"]
         print(
             f"{rule:12s} {policy:10s} test acc {100 * final['test_accuracy']:6.2f}%  "

@@ -190,8 +190,9 @@ class Pipeline:
             )
         return k
 
-    def train_epoch(self, data: Dataset, epoch: int) -> EpochResult:
-        """Run one epoch's schedule over ``data`` (shuffled by seed and epoch)."""
+    def train_epoch(self, data: Dataset, epoch: int, epochs: int | None = None) -> EpochResult:
+        """Run one epoch's schedule over ``data`` (shuffled by seed and epoch); ``epochs``
+        only labels the progress bar."""
         self._pick_loss(data)
         k = self._minibatches(data)
         schedule = self.schedule_for(k)
@@ -219,7 +220,8 @@ class Pipeline:
         if self.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=k, desc=f"epoch {epoch + 1}", unit="mb", leave=False)
+            label = f"epoch {epoch + 1}" + (f"/{epochs}" if epochs else "")
+            bar = tqdm(total=k, desc=label, unit="mini-batch", leave=False)
         last = self.num_stages - 1
         done_backwards = 0
 
@@ -293,7 +295,7 @@ class Pipeline:
             self._write_start()
         for epoch in range(self.epoch, epochs):
             started = time.perf_counter()
-            result = self.train_epoch(train, epoch)
+            result = self.train_epoch(train, epoch, epochs)
             if test is not None:
                 evaluation = self.evaluate(test)
                 result.test_loss = evaluation["loss"]
