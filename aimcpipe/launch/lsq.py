@@ -23,6 +23,7 @@ import torch
 
 from aimcpipe.analog.config import AnalogConfig, DeviceConfig, TikiTakaConfig, UpdateConfig
 from aimcpipe.analog.rules import build_weight
+from aimcpipe.runtime.datasets import lsq_problem
 from aimcpipe.seeding import derive_seed
 
 __all__ = ["LsqProblem", "LsqRun", "asymptotic_error", "make_problem", "run_lsq"]
@@ -48,8 +49,7 @@ def make_problem(
     seed: int, dim: int = 40, samples: int = 100, noise_std: float = 0.1
 ) -> LsqProblem:
     gen = torch.Generator().manual_seed(derive_seed(seed, "lsq-problem"))
-    a = torch.randn(samples, dim, generator=gen) / 2
-    x_star = 0.3 * torch.randn(dim, generator=gen)
+    a, x_star = lsq_problem(gen, samples, dim)
     return LsqProblem(a=a, b=a.mv(x_star), x_star=x_star, noise_std=noise_std)
 
 

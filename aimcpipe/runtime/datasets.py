@@ -168,6 +168,16 @@ def _folder(root: str | Path | None, name: str) -> Path:
 # --- lsq -------------------------------------------------------------------------------------
 
 
+def lsq_problem(
+    gen: torch.Generator, samples: int, features: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A = randn(N, D)/2`` and ``x* = 0.3·randn(D)`` drawn from ``gen`` (shared with
+    ``aimcpipe lsq``, so the same seed gives the same problem there and in ``train``)."""
+    a = torch.randn(samples, features, generator=gen) / 2
+    x_star = 0.3 * torch.randn(features, generator=gen)
+    return a, x_star
+
+
 def _load_lsq(seed: int, features: Any, samples: Any, noise: Any) -> tuple[Dataset, Dataset]:
     """arXiv 2406.12774's least squares: ``A = randn(N, D)/2``, ``x* = 0.3·randn(D)``,
     ``b = A x*`` (so the optimum loss is 0). The training targets get optional label noise
@@ -178,9 +188,8 @@ def _load_lsq(seed: int, features: Any, samples: Any, noise: Any) -> tuple[Datas
         raise ConfigError(f"data.noise: must be a finite number >= 0, got {noise!r}")
     if not (math.isfinite(noise) and noise >= 0):
         raise ConfigError(f"data.noise: must be a finite number >= 0, got {noise!r}")
-    gen = torch.Generator().manual_seed(derive_seed(seed, "lsq-data"))
-    a = torch.randn(n, d, generator=gen) / 2
-    x_star = 0.3 * torch.randn(d, generator=gen)
+    gen = torch.Generator().manual_seed(derive_seed(seed, "lsq-problem"))
+    a, x_star = lsq_problem(gen, n, d)
     b = (a @ x_star).unsqueeze(1)
     b_train = b + noise * torch.randn(b.shape, generator=gen) if noise > 0 else b.clone()
     train = Dataset("lsq", a, b_train, "regression", None)
