@@ -60,7 +60,15 @@ def resolve_config(
                 f"--set {bad[0]}: a resumed run keeps its config; only "
                 f"{', '.join(sorted(RESUMABLE_KEYS))} may change"
             )
-        config = Path(resume) / "config.yaml"
+        run_dir = Path(resume)
+        if not run_dir.is_dir():
+            raise ConfigError(f"--resume: {run_dir} is not a directory")
+        if not (run_dir / CHECKPOINT_NAME).is_file():
+            raise ConfigError(
+                f"--resume: {run_dir} has no {CHECKPOINT_NAME} to continue from "
+                "(runs write one every checkpoint_every epochs and at the end)"
+            )
+        config = run_dir / "config.yaml"
     if config is None:
         raise ConfigError("CONFIG: give a config file (see configs/) or --resume DIR")
     data = dict(config) if isinstance(config, dict) else load_config(config)
@@ -77,14 +85,17 @@ def build_job(
 ) -> tuple[Pipeline, Dataset, Dataset]:
     """Data, model (converted to analog if configured) and pipeline for ``cfg``."""
     d = cfg.data
-    train_data, test_data = load_dataset(
-        d.name,
-        d.root,
-        seed=cfg.seed,
-        limit_train=d.limit_train,
-        limit_test=d.limit_test,
-        **d.options,
-    )
+    try:
+        train_data, test_data = load_dataset(
+            d.name,
+            d.root,
+            seed=cfg.seed,
+            limit_train=d.limit_train,
+            limit_test=d.limit_test,
+            **d.options,
+        )
+    except ConfigError as exc:
+        raise ConfigError(_options_key(str(exc))) from None
     if model is None:
         model = build_model(cfg.model.target, cfg.model.kwargs, seed=cfg.seed)
     analog = cfg.analog_config()
@@ -98,12 +109,49 @@ def build_job(
                 inplace=True,
             )
         except ConfigError as exc:
-            raise ConfigError(f"model.analog_exclude: {exc}") from None
+            msg = str(exc)
+            if msg.startswith("exclude: "):
+                raise ConfigError(f"model.analog_exclude: {msg[9:]}") from None
+            raise ConfigError(f"model: {msg} (or list the layer in model.analog_exclude)") from None
     elif cfg.model.analog_exclude:
         raise ConfigError("model.analog_exclude: only meaningful with an analog section")
     p = cfg.pipeline
+    per = p.microbatches * p.microbatch_size
+    if len(train_data) < per:  # checked here too, before the pipeline logs its partition
+        raise ConfigError(
+            f"data: {len(train_data)} training samples are fewer than one mini-batch "
+            f"(pipeline.microbatches {p.microbatches} × pipeline.microbatch_size "
+            f"{p.microbatch_size} = {per})"
+        )
     example = train_data.x[: p.microbatch_size] if p.partition == "time" else None
-    pipe = Pipeline(
+    try:
+        pipe = _pipeline(cfg, model, example, out=out, progress=progress)
+    except ConfigError as exc:
+        msg = str(exc)
+        if msg.startswith("partition: "):  # the partitioner names its own argument
+            key = "stages" if "stages but the model has only" in msg else "partition"
+            msg = f"pipeline.{key}: {msg[len('partition: ') :]}"
+        raise ConfigError(msg) from None
+    pipe._minibatches(train_data)  # too little data is a config error, found before any work
+    return pipe, train_data, test_data
+
+
+def _options_key(msg: str) -> str:
+    """The reader names a dataset option ``data.KEY``; in the YAML it is ``data.options.KEY``."""
+    head, sep, rest = msg.partition(": ")
+    if sep and head.startswith("data.") and head[5:] not in _DATA_KEYS:
+        return f"data.options.{head[5:]}: {rest}"
+    return msg
+
+
+_DATA_KEYS = {"name", "root", "limit_train", "limit_test"}
+
+
+def _pipeline(
+    cfg: TrainConfig, model: nn.Module, example: Any, *, out: Path | None, progress: bool
+) -> Pipeline:
+    p = cfg.pipeline
+    return Pipeline(
         model,
         stages=p.stages,
         partition=p.partition,
@@ -123,8 +171,6 @@ def build_job(
         progress=progress,
         settings=cfg.to_dict(),
     )
-    pipe._minibatches(train_data)  # too little data is a config error, found before any work
-    return pipe, train_data, test_data
 
 
 def train(
