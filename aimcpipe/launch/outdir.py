@@ -18,15 +18,33 @@ from aimcpipe.errors import ConfigError
 __all__ = ["check_out_dir", "staged_dir"]
 
 
-def check_out_dir(out: str | Path | None, *, force: bool) -> Path | None:
-    """Validate ``--out`` before any work: it may be new or empty, or replaced with ``--force``."""
+# Files every aimcpipe command writes into its output directory; ``--force`` replaces only a
+# directory holding one of them, never an arbitrary folder (``--out . --force``).
+OUTPUT_MARKERS = ("metrics.json", "results.json", "config.yaml", "checkpoint.pt")
+
+
+def check_out_dir(out: str | Path | None, *, force: bool, hint: str = "") -> Path | None:
+    """Validate ``--out`` before any work: it may be new or empty, or — with ``--force`` — an
+    earlier aimcpipe output directory, which will be replaced."""
     if out is None:
         return None
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out: {out} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not force:
-        raise ConfigError(f"--out: {out} is not empty; choose a new directory or add --force")
+    if path.is_dir() and any(path.iterdir()):
+        if not force:
+            raise ConfigError(
+                f"--out: {out} is not empty; choose a new directory or add --force{hint}"
+            )
+        cwd = Path.cwd().resolve()
+        resolved = path.resolve()
+        if resolved == cwd or resolved in cwd.parents or resolved == Path.home().resolve():
+            raise ConfigError(f"--out: refusing to replace {out} (it holds the current directory)")
+        if not any((path / name).exists() for name in OUTPUT_MARKERS):
+            raise ConfigError(
+                f"--out: {out} does not look like an aimcpipe output directory (it has none of "
+                f"{', '.join(OUTPUT_MARKERS)}); --force replaces only those"
+            )
     return path
 
 

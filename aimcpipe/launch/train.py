@@ -23,6 +23,7 @@ from torch import nn
 
 from aimcpipe.analog.convert import convert
 from aimcpipe.errors import ConfigError
+from aimcpipe.launch.outdir import check_out_dir
 from aimcpipe.launch.train_config import (
     TrainConfig,
     apply_overrides,
@@ -116,13 +117,6 @@ def build_job(
     elif cfg.model.analog_exclude:
         raise ConfigError("model.analog_exclude: only meaningful with an analog section")
     p = cfg.pipeline
-    per = p.microbatches * p.microbatch_size
-    if len(train_data) < per:  # checked here too, before the pipeline logs its partition
-        raise ConfigError(
-            f"data: {len(train_data)} training samples are fewer than one mini-batch "
-            f"(pipeline.microbatches {p.microbatches} × pipeline.microbatch_size "
-            f"{p.microbatch_size} = {per})"
-        )
     example = train_data.x[: p.microbatch_size] if p.partition == "time" else None
     try:
         pipe = _pipeline(cfg, model, example, out=out, progress=progress)
@@ -192,15 +186,7 @@ def train(
         if not (run_dir / CHECKPOINT_NAME).is_file():
             raise ConfigError(f"--resume: {run_dir} has no {CHECKPOINT_NAME} to continue from")
     else:
-        run_dir = Path(out) if out is not None else None
-        if run_dir is not None:
-            if run_dir.exists() and not run_dir.is_dir():
-                raise ConfigError(f"--out: {run_dir} exists and is not a directory")
-            if run_dir.is_dir() and any(run_dir.iterdir()) and not force:
-                raise ConfigError(
-                    f"--out: {run_dir} is not empty; choose a new directory, add --force, "
-                    "or --resume it"
-                )
+        run_dir = check_out_dir(out, force=force, hint=", or --resume it")
     pipe, train_data, test_data = build_job(cfg, out=None, progress=progress)
     if resume is not None:
         pipe.load_checkpoint(run_dir)

@@ -146,7 +146,7 @@ class TrainConfig:
     epochs: int = 1
     seed: int = 0
     checkpoint_every: int = 1
-    eval_batch_size: int = 1000
+    eval_batch_size: int = 256
 
     def __post_init__(self) -> None:
         _at_least("epochs", self.epochs, 1)
@@ -169,8 +169,13 @@ class TrainConfig:
         return from_dict(cls, data)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data (the resolved ``config.yaml`` of a run)."""
-        return to_dict(self)
+        """Plain data (the resolved ``config.yaml`` of a run: every default filled in, IO
+        presets expanded)."""
+        data = to_dict(self)
+        analog = self.analog_config()
+        if analog is not None:
+            data["analog"] = to_dict(analog)
+        return data
 
 
 def load_config(path: str | Path) -> dict[str, Any]:

@@ -24,7 +24,9 @@ class LRSchedule:
     def __post_init__(self) -> None:
         if self.kind == "step":
             if (self.step_epochs is None) == (not self.milestones):
-                raise ConfigError("step: give exactly one of step_epochs or milestones")
+                raise ConfigError(
+                    "step_epochs: kind step needs exactly one of step_epochs or milestones"
+                )
             if self.step_epochs is not None and self.step_epochs < 1:
                 raise ConfigError(f"step_epochs: must be >= 1, got {self.step_epochs}")
             if any(m < 1 for m in self.milestones) or list(self.milestones) != sorted(

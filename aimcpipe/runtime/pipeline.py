@@ -94,7 +94,7 @@ class Pipeline:
         costs: CostModel | None = None,
         tile_size: int = 512,
         example_input: torch.Tensor | None = None,
-        eval_batch_size: int = 1000,
+        eval_batch_size: int = 256,
         out: str | Path | None = None,
         checkpoint_every: int = 0,
         progress: bool = True,
@@ -120,7 +120,6 @@ class Pipeline:
         self.partition: Partition = make_partition(
             blocks, stages, partition, tile_size=tile_size, example_input=example_input
         )
-        log.info("partition (%s):\n%s", self.partition.method, self.partition.describe())
         self.policy = policy
         self.microbatches = microbatches
         self.microbatch_size = microbatch_size
@@ -185,8 +184,8 @@ class Pipeline:
         if k < 1:
             raise ConfigError(
                 f"data: {len(data)} training samples are fewer than one mini-batch "
-                f"(microbatches {self.microbatches} × microbatch_size {self.microbatch_size} "
-                f"= {per})"
+                f"(pipeline.microbatches {self.microbatches} × pipeline.microbatch_size "
+                f"{self.microbatch_size} = {per})"
             )
         return k
 
@@ -291,6 +290,8 @@ class Pipeline:
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ConfigError(f"epochs: must be an integer >= 1, got {epochs!r}")
         self._minibatches(train)  # fail before any work if the data cannot fill a mini-batch
+        if self.epoch < epochs:
+            log.info("%s", self.partition.describe())
         if self.out is not None:
             self._write_start()
         for epoch in range(self.epoch, epochs):

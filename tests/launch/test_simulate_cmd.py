@@ -155,6 +155,11 @@ def test_out_directory_must_be_new_or_forced(
     assert main(argv) == 2
     assert "--out" in capsys.readouterr().err
     assert (out / "old.txt").exists()
+    # --force replaces earlier aimcpipe output only, never an arbitrary folder
+    assert main([*argv, "--force"]) == 2
+    assert "does not look like an aimcpipe output directory" in capsys.readouterr().err
+    assert (out / "old.txt").exists()
+    (out / "results.json").write_text("{}")
     assert main([*argv, "--force"]) == 0
     assert not (out / "old.txt").exists() and (out / "results.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary leftovers

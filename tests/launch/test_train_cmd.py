@@ -207,6 +207,9 @@ def test_force_replaces_a_previous_run(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "stale.txt").write_text("old")
+    assert cli(train_argv("--epochs", "1", "--out", str(out), "--force")) == 2
+    assert "does not look like an aimcpipe output directory" in capsys.readouterr().err
+    (out / "config.yaml").write_text("seed: 0\n")  # an earlier (interrupted) run
     assert cli(train_argv("--epochs", "1", "--out", str(out), "--force")) == 0
     assert not (out / "stale.txt").exists() and (out / "metrics.json").is_file()
 
