@@ -34,10 +34,11 @@ from aimcpipe.runtime.checkpoint import CHECKPOINT_NAME
 from aimcpipe.runtime.datasets import Dataset, load_dataset
 from aimcpipe.runtime.metrics import RunMetrics
 from aimcpipe.runtime.pipeline import Pipeline
+from aimcpipe.scheduler import simulate
 from aimcpipe.seeding import derive_seed
 from aimcpipe.stages.zoo import build_model
 
-__all__ = ["build_job", "resolve_config", "train"]
+__all__ = ["build_job", "plan", "resolve_config", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,30 @@ def _pipeline(
         checkpoint_every=cfg.checkpoint_every,
         progress=progress,
         settings=cfg.to_dict(),
+    )
+
+
+def plan(config: str | Path | dict[str, Any] | None, overrides: Sequence[str] = ()) -> str:
+    """What a run would do, without training (``aimcpipe train --dry-run``): the data, the
+    partition, and one epoch's schedule timed by the cost model."""
+    cfg = resolve_config(config, overrides)
+    pipe, train_data, test_data = build_job(cfg, progress=False)
+    k = pipe._minibatches(train_data)
+    sim = simulate(pipe.schedule_for(k), pipe.costs)
+    per = pipe.microbatches * pipe.microbatch_size
+    util = ", ".join(f"{u:.2f}" for u in sim.utilization)
+    return "\n".join(
+        [
+            f"data: {cfg.data.name}, {len(train_data)} train / {len(test_data)} test samples; "
+            f"{k} mini-batches of {pipe.microbatches}×{pipe.microbatch_size} = {per} per epoch "
+            f"({len(train_data) - k * per} dropped), {cfg.epochs} epochs",
+            pipe.partition.describe(),
+            f"policy {pipe.policy}: {pipe.schedule_for(k).num_actions} actions per epoch, "
+            f"{sim.makespan:g} cycles per epoch ({sim.makespan * cfg.epochs:g} in all), "
+            f"utilization per stage {util}",
+            f"staleness {list(sim.order.staleness)}, peak stash {list(sim.order.peak_stash)} "
+            "micro-batches per stage",
+        ]
     )
 
 

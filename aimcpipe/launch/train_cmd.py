@@ -12,7 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from aimcpipe.launch.train import train
+from aimcpipe.errors import ConfigError
+from aimcpipe.launch.train import plan, train
 
 __all__ = ["add_arguments", "run"]
 
@@ -42,6 +43,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--resume", type=Path, metavar="DIR", help="continue the run in DIR from its checkpoint"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate, build the model and print the partition and one epoch's simulated "
+        "schedule; train nothing, write nothing",
+    )
     p.add_argument("--json", action="store_true", help="print metrics.json to stdout at the end")
 
 
@@ -56,6 +63,11 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")
+    if args.dry_run:
+        if args.resume is not None or args.out is not None:
+            raise ConfigError("--dry-run writes nothing; drop --out/--resume")
+        print(plan(args.config, overrides))
+        return 0
     metrics = train(
         args.config,
         out=args.out,

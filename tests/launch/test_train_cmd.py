@@ -392,3 +392,14 @@ def test_user_factory_trains_from_the_cli(tmp_path, capsys):
     assert any(key.startswith("hidden.") for key in saved) and any(
         key.startswith("out.") for key in saved
     )
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli(["train", DIGITS, "--dry-run", "--stages", "2", "--policy", "sync-1f1b"]) == 0
+    out = capsys.readouterr().out
+    assert "partition: 2 stages" in out and "policy sync-1f1b" in out
+    assert "cycles per epoch" in out and "staleness [0, 0]" in out
+    assert list(tmp_path.iterdir()) == []
+    assert cli(["train", DIGITS, "--dry-run", "--out", str(tmp_path / "x")]) == 2
+    assert "--dry-run" in capsys.readouterr().err
