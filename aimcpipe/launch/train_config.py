@@ -8,6 +8,7 @@ same way. A full example with every key is ``configs/digits-analog.yaml``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,13 +179,29 @@ class TrainConfig:
         return data
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 (PyYAML) reads ``1e-3`` as a string; configs write learning rates that way, so
+    numbers with an exponent and no dot are floats here, as in YAML 1.2 and Python."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+
+
 def load_config(path: str | Path) -> dict[str, Any]:
     """The plain YAML data of a config file (validate with ``TrainConfig.from_dict``)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"CONFIG: {path} does not exist (see configs/ for examples)")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _yaml(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -205,7 +222,7 @@ def parse_overrides(items: Sequence[str]) -> list[tuple[list[str], Any]]:
         if not eq or not all(path):
             raise ConfigError(f"--set: cannot read {item!r}; write key.path=value (e.g. epochs=5)")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            value = _yaml(text) if text.strip() else None
         except yaml.YAMLError:
             raise ConfigError(f"--set: {key}={text!r} is not a YAML value") from None
         out.append((path, value))

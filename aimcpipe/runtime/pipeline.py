@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -305,6 +306,12 @@ class Pipeline:
             self.metrics.measured["wall_s"] += time.perf_counter() - started
             self.epoch = epoch + 1
             log.info("%s", result.summary(epochs))
+            if not math.isfinite(result.train_loss):
+                log.warning(
+                    "epoch %d: the training loss is %s; the run diverged (try a smaller lr)",
+                    epoch + 1,
+                    result.train_loss,
+                )
             if self.out is not None:
                 self._append_history()
                 due = self.checkpoint_every and self.epoch % self.checkpoint_every == 0
