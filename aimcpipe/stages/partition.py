@@ -120,7 +120,8 @@ class Partition:
             ]
             return "  ".join(out).rstrip()
 
-        title = f"partition: {self.num_stages} stages, method {self.method}, tile {self.tile_size}"
+        stages = f"{self.num_stages} stage" + ("s" if self.num_stages != 1 else "")
+        title = f"partition: {stages}, method {self.method}, tile {self.tile_size}"
         return "\n".join([title, line(header), *(line(r) for r in rows)])
 
     def to_dict(self) -> dict[str, Any]:
