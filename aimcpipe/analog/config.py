@@ -217,8 +217,13 @@ class TikiTakaConfig:
     """Tiki-Taka v1 (arXiv 2406.12774 §4): gradients go to a fast tile A at the optimizer's
     learning rate β; every ``transfer_every`` updates, ``transfer_columns`` columns of A (cycling,
     ``None`` = all) are read through the forward IO and written onto the slow tile C at
-    ``transfer_lr`` α through C's device (``None``: α = β). Forward and backward MVMs use
-    ``C + gamma·A``."""
+    ``transfer_lr`` α through C's device (``None``: α = β, following the learning-rate
+    schedule; a number is a fixed α). Forward and backward MVMs use ``C + gamma·A``.
+
+    "Updates" are updates of A: one per ``U`` action of a pipeline stage, i.e. one per
+    mini-batch under wop and sync-1f1b (A gets the mean of Bm micro-batches) and one per
+    micro-batch under async. With ``transfer_every: 1`` both transfer after every update of A
+    at the same α; to transfer per sample count instead, scale ``transfer_every`` with Bm."""
 
     transfer_every: int = 1
     transfer_columns: int | None = None

@@ -104,9 +104,13 @@ class AnalogWeight(nn.Module):
             else:
                 x = torch.cat([x for x, _ in self.pending])
                 d = torch.cat([d for _, d in self.pending])
-            self.update(x, d, lr * scale)
+            self._apply(x, d, lr, scale)
             self.pending.clear()
         return count
+
+    def _apply(self, x: torch.Tensor, d: torch.Tensor, lr: float, scale: float) -> None:
+        """One update from pending records: the mean request ``lr·scale`` by default."""
+        self.update(x, d, lr * scale)
 
     def discard_pending(self) -> None:
         self.pending.clear()
@@ -166,11 +170,23 @@ class TikiTakaWeight(AnalogWeight):
         return g
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor, d: torch.Tensor, lr: float) -> None:
+    def update(
+        self, x: torch.Tensor, d: torch.Tensor, lr: float, transfer_lr: float | None = None
+    ) -> None:
+        """One update of A at ``lr``; every ``transfer_every`` updates a transfer onto C at
+        the configured ``transfer_lr``, else at ``transfer_lr`` given here, else at ``lr``."""
         self.fast.update(x, d, lr)
         self.updates += 1
         if int(self.updates) % self.transfer_every == 0:
-            self.transfer(self.transfer_lr if self.transfer_lr is not None else lr)
+            if self.transfer_lr is not None:
+                transfer_lr = self.transfer_lr
+            self.transfer(lr if transfer_lr is None else transfer_lr)
+
+    def _apply(self, x: torch.Tensor, d: torch.Tensor, lr: float, scale: float) -> None:
+        """A gets the mean of the pending requests (``lr·scale``); the transfer runs at the
+        unscaled ``lr``, so α does not shrink with the number of micro-batches an update
+        applies (a sync/wop U applies Bm of them, an async U one)."""
+        self.update(x, d, lr * scale, transfer_lr=lr)
 
     @torch.no_grad()
     def transfer(self, lr: float) -> None:

@@ -18,9 +18,17 @@ from aimcpipe.errors import ConfigError
 __all__ = ["check_out_dir", "staged_dir"]
 
 
-# Files every aimcpipe command writes into its output directory; ``--force`` replaces only a
-# directory holding one of them, never an arbitrary folder (``--out . --force``).
-OUTPUT_MARKERS = ("metrics.json", "results.json", "config.yaml", "checkpoint.pt")
+# What aimcpipe commands write into an output directory. ``--force`` replaces a directory only
+# when everything in it is one of these (or a hidden temporary of ours), so neither
+# ``--out . --force`` nor a folder that also holds the user's own files is ever deleted.
+OUTPUT_FILES = frozenset(
+    {
+        "metrics.json", "results.json", "config.yaml", "checkpoint.pt", "history.jsonl",
+        "partition.json", "trace.json", "model.pt", "curves.json", "curves.png",
+        "timeline.txt", "speedup.png", "lsq_tau.png", "lsq_lr.png", "lsq_summary.png",
+        "schedules",
+    }
+)  # fmt: skip
 
 
 def check_out_dir(out: str | Path | None, *, force: bool, hint: str = "") -> Path | None:
@@ -40,10 +48,13 @@ def check_out_dir(out: str | Path | None, *, force: bool, hint: str = "") -> Pat
         resolved = path.resolve()
         if resolved == cwd or resolved in cwd.parents or resolved == Path.home().resolve():
             raise ConfigError(f"--out: refusing to replace {out} (it holds the current directory)")
-        if not any((path / name).exists() for name in OUTPUT_MARKERS):
+        foreign = sorted(
+            p.name for p in path.iterdir() if p.name not in OUTPUT_FILES and p.name[0] != "."
+        )
+        if foreign:
             raise ConfigError(
-                f"--out: {out} does not look like an aimcpipe output directory (it has none of "
-                f"{', '.join(OUTPUT_MARKERS)}); --force replaces only those"
+                f"--out: {out} holds {foreign[0]!r}, which aimcpipe did not write; --force "
+                "replaces only aimcpipe output directories"
             )
     return path
 

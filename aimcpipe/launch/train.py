@@ -128,6 +128,10 @@ def build_job(
             msg = f"pipeline.{key}: {msg[len('partition: ') :]}"
         raise ConfigError(msg) from None
     pipe._minibatches(train_data)  # too little data is a config error, found before any work
+    pipe.check_data(train_data)  # so is a model that does not fit the data
+    if pipe.partition.method == "time":
+        # measured times vary: the run (and its --resume) keeps the split it measured
+        pipe.settings["pipeline"]["partition"] = list(pipe.partition.counts())
     return pipe, train_data, test_data
 
 

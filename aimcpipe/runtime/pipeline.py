@@ -22,6 +22,7 @@ total: a pipeline restored from a checkpoint continues where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aimcpipe.errors import ConfigError
+from aimcpipe.errors import AimcpipeError, ConfigError
 from aimcpipe.runtime.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from aimcpipe.runtime.datasets import Dataset, epoch_order
 from aimcpipe.runtime.interpreter import ActionRecord, Interpreter, run_local
@@ -110,7 +111,7 @@ class Pipeline:
         for name, value in (("microbatches", microbatches), ("microbatch_size", microbatch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"pipeline.{name}: must be an integer >= 1, got {value!r}")
-        if not (isinstance(lr, int | float) and lr > 0):
+        if not (isinstance(lr, int | float) and 0 < lr < math.inf):
             raise ConfigError(f"optim.lr: must be a number > 0, got {lr!r}")
         if weight_stashing and policy != "async":
             raise ConfigError("pipeline.weight_stashing: only the async policy stashes weights")
@@ -118,6 +119,8 @@ class Pipeline:
             raise ConfigError(f"loss: {loss!r} is not a loss; allowed: {', '.join(LOSSES)}")
         self.model = model
         blocks = pipeline_blocks(model)
+        if stages is None and isinstance(partition, str):
+            stages = 1  # a named method needs a count; lists and callables bring their own
         self.partition: Partition = make_partition(
             blocks, stages, partition, tile_size=tile_size, example_input=example_input
         )
@@ -208,7 +211,6 @@ class Pipeline:
         transport = LocalTransport(feed)
         for stage in self.stages:
             stage.lr = lr
-            stage.train(True)
         for stage in self.stages:
             stage.counters = StageCounters()
         origin = time.perf_counter()
@@ -261,14 +263,18 @@ class Pipeline:
         )
 
     @torch.no_grad()
-    def evaluate(self, data: Dataset) -> dict[str, float]:
-        """Mean loss (and accuracy for classification) of the current model on ``data``."""
+    def evaluate(self, data: Dataset, stream: int | None = None) -> dict[str, float]:
+        """Mean loss (and accuracy for classification) of the current model on ``data``.
+
+        Evaluation draws its IO noise from streams of its own (``stream``, by default the
+        number of epochs trained), so it never changes training (see ``Stage.evaluation``)."""
         self._pick_loss(data)
-        for stage in self.stages:
-            stage.train(False)
+        stream = self.epoch if stream is None else stream
         total_loss = 0.0
         correct = 0
-        try:
+        with contextlib.ExitStack() as stack:
+            for stage in self.stages:
+                stack.enter_context(stage.evaluation(stream))
             for start in range(0, len(data), self.eval_batch_size):
                 x = data.x[start : start + self.eval_batch_size]
                 t = data.y[start : start + self.eval_batch_size]
@@ -277,13 +283,39 @@ class Pipeline:
                 total_loss += float(self._compute_loss(x, t)) * len(t)
                 if data.task == "classification":
                     correct += int((x.argmax(dim=1) == t).sum())
-        finally:
-            for stage in self.stages:
-                stage.train(True)
         out = {"loss": total_loss / len(data)}
         if data.task == "classification":
             out["accuracy"] = correct / len(data)
         return out
+
+    def check_data(self, data: Dataset) -> None:
+        """Run one micro-batch through every stage and the loss (on evaluation streams, so
+        training is unchanged): a model that does not fit the data fails here, before any
+        file is written, with one line naming the stage."""
+        self._pick_loss(data)
+        x = data.x[: self.microbatch_size]
+        t = data.y[: self.microbatch_size]
+        with contextlib.ExitStack() as stack, torch.no_grad():
+            for stage in self.stages:
+                stack.enter_context(stage.evaluation(-1))
+            for stage in self.stages:
+                try:
+                    x = stage.infer(x)
+                except Exception as exc:
+                    raise ConfigError(
+                        f"model: stage {stage.index} ({', '.join(stage.names)}) cannot take "
+                        f"the data (input {tuple(x.shape)} from {data.name}): "
+                        f"{type(exc).__name__}: {exc}".replace("\n", " ")
+                    ) from None
+            try:
+                self._compute_loss(x, t)
+            except Exception as exc:
+                raise ConfigError(
+                    f"model: its output {tuple(x.shape)} does not fit the {data.task} targets "
+                    f"{tuple(t.shape)} of {data.name}: {type(exc).__name__}: {exc}".replace(
+                        "\n", " "
+                    )
+                ) from None
 
     def fit(self, train: Dataset, test: Dataset | None = None, epochs: int = 1) -> RunMetrics:
         """Train until ``epochs`` epochs are done in total; evaluate on ``test`` after each
@@ -299,7 +331,7 @@ class Pipeline:
             started = time.perf_counter()
             result = self.train_epoch(train, epoch, epochs)
             if test is not None:
-                evaluation = self.evaluate(test)
+                evaluation = self.evaluate(test, stream=epoch + 1)
                 result.test_loss = evaluation["loss"]
                 result.test_accuracy = evaluation.get("accuracy")
             self.metrics.add_epoch(result)
@@ -307,10 +339,12 @@ class Pipeline:
             self.epoch = epoch + 1
             log.info("%s", result.summary(epochs))
             if not math.isfinite(result.train_loss):
-                log.warning(
-                    "epoch %d: the training loss is %s; the run diverged (try a smaller lr)",
-                    epoch + 1,
-                    result.train_loss,
+                kept = (
+                    f"; {self.out / CHECKPOINT_NAME} holds the last checkpoint" if self.out else ""
+                )
+                raise AimcpipeError(
+                    f"training diverged in epoch {epoch + 1} (train loss {result.train_loss}); "
+                    f"try a smaller optim.lr{kept}"
                 )
             if self.out is not None:
                 self._append_history()
@@ -354,7 +388,14 @@ class Pipeline:
     # -- run directory -----------------------------------------------------------------------
     def _write_start(self) -> None:
         assert self.out is not None
+        if self.epoch == 0 and self.out.is_dir() and any(self.out.iterdir()):
+            raise ConfigError(
+                f"out: {self.out} is not empty; give a new directory (or load_checkpoint it "
+                "to continue that run)"
+            )
         self.out.mkdir(parents=True, exist_ok=True)
+        # until this run finishes, the directory must not look complete
+        (self.out / "metrics.json").unlink(missing_ok=True)
         (self.out / "partition.json").write_text(
             json.dumps(self.partition.to_dict(), indent=2) + "\n"
         )

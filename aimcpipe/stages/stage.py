@@ -117,6 +117,7 @@ class Stage:
         self._pending: dict[int, tuple[list[list[Any]], list[torch.Tensor | None]]] = {}
         self._pending_bytes: dict[int, int] = {}
         self._snapshots: dict[int, list[torch.Tensor]] = {}  # version -> weights (stashing)
+        self._seed = seed
         generator = torch.Generator().manual_seed(derive_seed(seed, "stage-rng", index))
         self._rng_state = generator.get_state()
 
@@ -129,7 +130,11 @@ class Stage:
     def _note_stash(self) -> None:
         c = self.counters
         c.peak_stash = max(c.peak_stash, self.held)
-        nbytes = sum(s.nbytes for s in self._stash.values()) + sum(self._pending_bytes.values())
+        nbytes = (
+            sum(s.nbytes for s in self._stash.values())
+            + sum(self._pending_bytes.values())
+            + sum(_nbytes(t) for snap in self._snapshots.values() for t in snap)
+        )
         c.peak_stash_bytes = max(c.peak_stash_bytes, nbytes)
 
     @contextmanager
@@ -159,7 +164,23 @@ class Stage:
             x = x.detach().requires_grad_(True)
         if self.weight_stashing and self.version not in self._snapshots:
             self._snapshots[self.version] = [t.detach().clone() for t in self._stashable()]
-        with self._own_rng(), torch.enable_grad():
+        # what autograd keeps for the backward is the activation stash's real size (weights,
+        # which autograd also saves, are not activations)
+        weights = {t.untyped_storage().data_ptr() for t in self._weight_tensors()}
+        saved: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.layout == torch.strided:
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in weights:
+                    saved[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        with (
+            self._own_rng(),
+            torch.enable_grad(),
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        ):
             y = self._run_blocks(x)
             stats = None
             if self.is_last:
@@ -172,7 +193,8 @@ class Stage:
                     correct = (y.detach().argmax(dim=1) == target).sum()
                     stats["correct"] = float(correct)
                 y = loss
-        self._stash[n] = _Stashed(x, y, self.version, _nbytes(x))
+        saved.setdefault(x.untyped_storage().data_ptr(), _nbytes(x))
+        self._stash[n] = _Stashed(x, y, self.version, sum(saved.values()))
         self._note_stash()
         return (y.detach(), stats)
 
@@ -240,6 +262,9 @@ class Stage:
         self.counters.updates_applied += len(entries)
 
     # -- weight stashing -------------------------------------------------------------------
+    def _weight_tensors(self) -> list[torch.Tensor]:
+        return list(self.modules.parameters()) + list(self.modules.buffers())
+
     def _stashable(self) -> list[torch.Tensor]:
         """What a backward reads: the tiles' weights and the digital parameters."""
         return [tile.weight for tile in self._tiles] + [p.data for p in self.digital]
@@ -269,11 +294,32 @@ class Stage:
                 del self._snapshots[version]
 
     # -- inference and state ---------------------------------------------------------------
+    @contextmanager
+    def evaluation(self, stream: int) -> Iterator[None]:
+        """Evaluation mode on random streams of its own: every tile's generator (IO noise)
+        and the stage's torch random state are replaced by ones seeded from ``stream`` and
+        restored afterwards, so evaluating — on any data, in any chunks, or not at all —
+        never changes what training draws."""
+        tiles = self._tiles
+        kept = [tile._generator for tile in tiles]
+        try:
+            for tile in tiles:
+                g = torch.Generator(device=tile.weight.device)
+                g.manual_seed(derive_seed(tile.seed, "eval", stream))
+                tile._generator = g
+            self.modules.train(False)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(derive_seed(self._seed, "eval", self.index, stream))
+                yield
+        finally:
+            for tile, g in zip(tiles, kept, strict=True):
+                tile._generator = g
+            self.modules.train(True)
+
     @torch.no_grad()
     def infer(self, x: torch.Tensor) -> torch.Tensor:
-        """Forward without recording anything (evaluation)."""
-        with self._own_rng():
-            return self._run_blocks(x)
+        """Forward without recording anything; use inside :meth:`evaluation`."""
+        return self._run_blocks(x)
 
     def train(self, mode: bool = True) -> None:
         self.modules.train(mode)

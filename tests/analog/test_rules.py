@@ -70,3 +70,19 @@ def test_tiki_taka_beats_analog_sgd_on_least_squares():
     }
     assert errors["tiki-taka"] < 0.5 * errors["analog-sgd"]
     assert errors["digital-sgd"] < errors["tiki-taka"]
+
+
+def test_tiki_taka_pending_updates_transfer_at_the_unscaled_lr():
+    """A U that applies the mean of 4 micro-batches (scale 1/4) moves A by the mean request,
+    but the transfer onto C runs at the configured lr: α must not shrink with Bm."""
+    config = AnalogConfig(rule="tiki-taka", device=DeviceConfig(kind="ideal"))
+    weight = build_weight(config, 3, 5, seed=0)
+    weight.set_weight(torch.zeros(3, 5))
+    records = [(torch.randn(2, 5), torch.randn(2, 3)) for _ in range(4)]
+    weight.pending.extend(records)
+    assert weight.apply_pending(lr=0.5, scale=0.25) == 4
+    x = torch.cat([x for x, _ in records])
+    d = torch.cat([d for _, d in records])
+    a = -0.125 * d.t() @ x
+    torch.testing.assert_close(weight.fast.weight, a)
+    torch.testing.assert_close(weight.slow.weight, 0.5 * a)

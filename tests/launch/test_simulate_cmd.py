@@ -155,13 +155,15 @@ def test_out_directory_must_be_new_or_forced(
     assert main(argv) == 2
     assert "--out" in capsys.readouterr().err
     assert (out / "old.txt").exists()
-    # --force replaces earlier aimcpipe output only, never an arbitrary folder
+    # --force replaces earlier aimcpipe output only, never a folder with other files in it
     assert main([*argv, "--force"]) == 2
-    assert "does not look like an aimcpipe output directory" in capsys.readouterr().err
+    assert "'old.txt', which aimcpipe did not write" in capsys.readouterr().err
     assert (out / "old.txt").exists()
+    (out / "old.txt").unlink()
     (out / "results.json").write_text("{}")
+    (out / "speedup.png").write_text("old")
     assert main([*argv, "--force"]) == 0
-    assert not (out / "old.txt").exists() and (out / "results.json").exists()
+    assert (out / "results.json").read_text() != "{}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary leftovers
 
 

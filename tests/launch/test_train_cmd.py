@@ -207,11 +207,14 @@ def test_force_replaces_a_previous_run(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "stale.txt").write_text("old")
+    (out / "config.yaml").write_text("seed: 0\n")
     assert cli(train_argv("--epochs", "1", "--out", str(out), "--force")) == 2
-    assert "does not look like an aimcpipe output directory" in capsys.readouterr().err
-    (out / "config.yaml").write_text("seed: 0\n")  # an earlier (interrupted) run
+    assert "'stale.txt', which aimcpipe did not write" in capsys.readouterr().err
+    assert (out / "stale.txt").exists()
+    (out / "stale.txt").unlink()
+    (out / "checkpoint.pt").write_text("an earlier, interrupted run")
     assert cli(train_argv("--epochs", "1", "--out", str(out), "--force")) == 0
-    assert not (out / "stale.txt").exists() and (out / "metrics.json").is_file()
+    assert (out / "metrics.json").is_file() and (out / "config.yaml").read_text() != "seed: 0\n"
 
 
 # --- errors: one line, exit status 2, no run directory --------------------------------------
@@ -403,3 +406,23 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys, monkeypatc
     assert list(tmp_path.iterdir()) == []
     assert cli(["train", DIGITS, "--dry-run", "--out", str(tmp_path / "x")]) == 2
     assert "--dry-run" in capsys.readouterr().err
+
+
+def test_a_model_that_does_not_fit_the_data_fails_before_writing(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = train_argv("--set", "model={name: lsq}", "--stages", "1", "--out", str(out))
+    assert cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("aimcpipe train: error: model: stage 0 (linear) cannot take the data")
+    assert "\n" not in err
+    assert not out.exists()
+
+
+def test_a_measured_partition_is_kept_for_resume(tmp_path):
+    out = tmp_path / "run"
+    argv = train_argv("--stages", "2", "--set", "pipeline.partition=time", "--out", str(out))
+    assert cli([*argv, "--epochs", "1"]) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())["pipeline"]["partition"]
+    assert isinstance(saved, list) and sum(saved) == 4 and len(saved) == 2
+    assert json.loads((out / "partition.json").read_text())["method"] == "time"
+    assert cli(["train", "--resume", str(out), "--set", "epochs=2", "--no-progress"]) == 0

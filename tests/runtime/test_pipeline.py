@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from aimcpipe.analog import AnalogConfig, DeviceConfig, convert
-from aimcpipe.errors import ConfigError
+from aimcpipe.errors import AimcpipeError, ConfigError
 from aimcpipe.runtime import Dataset, LRSchedule, Pipeline, epoch_order, load_dataset
 from aimcpipe.scheduler import CostModel, build_schedule, order_metrics, simulate
 from aimcpipe.stages import build_model
@@ -264,3 +264,110 @@ def test_digits_analog_fcn_in_four_stages_learns_under_every_policy(digits):
     assert all(a > 0.85 for a in analog.values()), accuracy
     assert abs(analog["async"] - analog["sync-1f1b"]) <= 0.015, accuracy
     assert accuracy["digital-sgd", "sync-1f1b"] >= 0.95, accuracy
+
+
+def test_evaluation_never_changes_training(digits):
+    """Evaluation draws IO noise from streams of its own: evaluating or not, on any data, in
+    any chunk size, gives the same trained weights."""
+    train, test = digits
+    train = _small(train, 96)
+    config = AnalogConfig.from_dict(
+        {"rule": "analog-sgd", "device": {"tau": 1.0}, "forward": "paper", "backward": "paper"}
+    )
+    runs = []
+    for eval_test, chunk in ((None, 256), (test, 256), (_small(test, 33), 7)):
+        pipe = Pipeline(
+            _analog_fcn(config), stages=2, policy="async", microbatches=2, microbatch_size=8,
+            eval_batch_size=chunk, progress=False,
+        )  # fmt: skip
+        pipe.fit(train, eval_test, epochs=2)
+        runs.append(_weights(pipe))
+    _assert_equal(runs[0], runs[1])
+    _assert_equal(runs[0], runs[2])
+
+
+def test_digital_rule_tiles_train_exactly_like_torch_sgd(digits):
+    """An independent check of the update scale: tiles with the digital-sgd rule (ideal
+    device) under sync-1f1b must follow torch.optim.SGD on the unconverted model."""
+    train, _ = digits
+    train = _small(train, 192)
+    base = build_model("digits-fcn", seed=5)
+    analog = convert(copy.deepcopy(base), AnalogConfig(rule="digital-sgd"), seed=5)
+    pipe = Pipeline(
+        analog, stages=4, policy="sync-1f1b", microbatches=3, microbatch_size=8, lr=0.2,
+        progress=False,
+    )  # fmt: skip
+    pipe.fit(train, epochs=1)
+    ref = copy.deepcopy(base)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.2)
+    order = epoch_order(len(train), 0, 0)
+    for start in range(0, len(train), 24):
+        idx = order[start : start + 24]
+        opt.zero_grad()
+        nn.functional.cross_entropy(ref(train.x[idx]), train.y[idx]).backward()
+        opt.step()
+    got = pipe.state_dict()
+    for key, value in ref.state_dict().items():
+        mine = (
+            got[key.replace(".weight", ".analog.tile.weight")]
+            if key.endswith("weight")
+            else got[key]
+        )
+        torch.testing.assert_close(mine, value, atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_async_one_stage_equals_wop_one_microbatch_per_minibatch(digits):
+    train, _ = digits
+    train = _small(train, 256)  # divisible by both mini-batch sizes: the same samples train
+    a = Pipeline(_analog_fcn(), stages=1, policy="async", microbatches=4, microbatch_size=8,
+                 progress=False)  # fmt: skip
+    w = Pipeline(_analog_fcn(), stages=1, policy="wop", microbatches=1, microbatch_size=8,
+                 progress=False)  # fmt: skip
+    a.fit(train, epochs=2)
+    w.fit(train, epochs=2)
+    _assert_equal(_weights(a), _weights(w))
+
+
+def test_an_interrupted_continuation_does_not_look_complete(tmp_path, digits, monkeypatch):
+    train, _ = digits
+    train = _small(train, 32)
+    make = lambda: Pipeline(  # noqa: E731
+        _analog_fcn(), stages=2, microbatches=2, microbatch_size=8, out=tmp_path / "run",
+        progress=False,
+    )  # fmt: skip
+    make().fit(train, epochs=1)
+    assert (tmp_path / "run" / "metrics.json").is_file()
+    again = make()
+    again.load_checkpoint(tmp_path / "run")
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(again, "train_epoch", boom)
+    with pytest.raises(KeyboardInterrupt):
+        again.fit(train, epochs=3)
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()
+    with pytest.raises(ConfigError, match="not empty"):
+        make().fit(train, epochs=1)  # a fresh pipeline never writes over an earlier run
+
+
+def test_defaults_and_limits_of_the_api(digits):
+    pipe = Pipeline(_analog_fcn(), progress=False)
+    assert pipe.num_stages == 1  # no stage count: one stage
+    assert Pipeline(_analog_fcn(), partition=[2, 2], progress=False).num_stages == 2
+    with pytest.raises(ConfigError, match=r"optim\.lr"):
+        Pipeline(_analog_fcn(), lr=float("inf"), progress=False)
+
+
+def test_a_diverging_run_stops_with_one_line(digits, tmp_path):
+    train, _ = digits
+    pipe = Pipeline(
+        build_model("digits-fcn", {"activation": "relu"}), stages=2, microbatches=2,
+        microbatch_size=8, lr=1e30,
+        out=tmp_path / "run", progress=False,
+    )  # fmt: skip
+    with pytest.raises(AimcpipeError, match="diverged in epoch 1") as info:
+        pipe.fit(_small(train, 64), epochs=3)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "run" / "metrics.json").exists()

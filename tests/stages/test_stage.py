@@ -225,3 +225,64 @@ def test_stage_state_round_trip_continues_identically():
         st.load_state_dict(state)
     _assert_same(clone, first, atol=0)
     assert fresh[1].version == 2
+
+
+def test_weight_stashing_runs_each_backward_on_its_forwards_weights():
+    """Stage 1 of 3 under async has staleness 1: B(1) runs after U(0). The error it sends to
+    stage 0 must be what its blocks give at the weights F(1) saw (a copy of the initial
+    stage-1 blocks), not at the updated ones."""
+    base = _model(seed=4)
+    model = copy.deepcopy(base)
+    blocks = [(str(i), m) for i, m in enumerate(model)]
+    stages = [
+        Stage(0, 3, blocks[:1], lr=0.5, weight_stashing=True),
+        Stage(1, 3, blocks[1:3], lr=0.5, weight_stashing=True),
+        Stage(2, 3, blocks[3:], lr=0.5, loss_fn=F.cross_entropy, weight_stashing=True),
+    ]
+    schedule = build_schedule("async", 3, 4, 1, weight_stashing=True)
+    x, y = _data(4)
+    sent = {}
+
+    class Spy(LocalTransport):
+        def send(self, key, payload):
+            sent[key] = payload.clone() if isinstance(payload, torch.Tensor) else payload
+            super().send(key, payload)
+
+    transport = Spy(lambda key: (x if key[0] == "input" else y)[key[1] * B : (key[1] + 1) * B])
+    run_local([Interpreter(st, schedule.stages[s], transport) for s, st in enumerate(stages)])
+    assert stages[1].counters.max_staleness == 1
+    act_in = sent[("activation", 1, 0, 1)].requires_grad_(True)
+    grad_out = sent[("gradient", 1, 2, 1)]
+    initial = nn.Sequential(*copy.deepcopy(base)[1:3])
+    out = initial(act_in)
+    (expected,) = torch.autograd.grad(out, act_in, grad_out)
+    for layer in initial.modules():
+        if hasattr(layer, "analog"):
+            layer.analog.pending.clear()
+    torch.testing.assert_close(sent[("gradient", 1, 1, 0)], expected, atol=1e-6, rtol=1e-5)
+    # and without stashing the same message differs (the updated weights are used)
+    unstashed = copy.deepcopy(base)
+    ublocks = [(str(i), m) for i, m in enumerate(unstashed)]
+    plain = [
+        Stage(0, 3, ublocks[:1], lr=0.5),
+        Stage(1, 3, ublocks[1:3], lr=0.5),
+        Stage(2, 3, ublocks[3:], lr=0.5, loss_fn=F.cross_entropy),
+    ]
+    sent_stashed = sent[("gradient", 1, 1, 0)]
+    sent.clear()
+    transport = Spy(lambda key: (x if key[0] == "input" else y)[key[1] * B : (key[1] + 1) * B])
+    schedule = build_schedule("async", 3, 4, 1)
+    run_local([Interpreter(st, schedule.stages[s], transport) for s, st in enumerate(plain)])
+    assert (sent[("gradient", 1, 1, 0)] - sent_stashed).abs().max() > 1e-6
+
+
+def test_stash_bytes_count_what_autograd_keeps():
+    model = _model()
+    blocks = [(str(i), m) for i, m in enumerate(model)]
+    stage = Stage(0, 2, blocks[:2], lr=0.1)
+    x, _ = _data(1)
+    stage.forward(0, x[:B])
+    # inputs (B×6) + two linear inputs/tanh outputs (B×8 each) at least, in float32
+    assert stage.counters.peak_stash_bytes >= 4 * B * (6 + 8 + 8)
+    weights = sum(t.numel() * t.element_size() for t in stage._weight_tensors())
+    assert stage.counters.peak_stash_bytes < weights  # the weights are not counted
