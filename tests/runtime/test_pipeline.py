@@ -264,6 +264,14 @@ def test_digits_analog_fcn_in_four_stages_learns_under_every_policy(digits):
     assert all(a > 0.85 for a in analog.values()), accuracy
     assert abs(analog["async"] - analog["sync-1f1b"]) <= 0.015, accuracy
     assert accuracy["digital-sgd", "sync-1f1b"] >= 0.95, accuracy
+    # at equal step size (async applies one micro-batch per U, sync the mean of Bm = 4, so
+    # async at lr/4) the staleness costs no accuracy either
+    pipe = Pipeline(
+        _analog_fcn(ALD), stages=4, policy="async", microbatches=4, microbatch_size=8,
+        lr=0.025, lr_schedule=LRSchedule(kind="step", step_epochs=5, gamma=0.5), progress=False,
+    )  # fmt: skip
+    equal_step = pipe.fit(train, test, epochs=15).final["test_accuracy"]
+    assert abs(equal_step - analog["sync-1f1b"]) <= 0.015, (equal_step, accuracy)
 
 
 def test_evaluation_never_changes_training(digits):
