@@ -207,6 +207,7 @@ class RunMetrics:
                 "train_s": self.train_s,
                 "utilization": measured_util,
                 "busy_s": list(self.measured["busy_s"]),
+                "idle_s": [max(self.train_s - b, 0.0) for b in self.measured["busy_s"]],
                 "busy_s_by_kind": copy.deepcopy(self.measured["busy_s_by_kind"]),
                 "bytes_sent": list(self.measured["bytes_sent"]),
             },

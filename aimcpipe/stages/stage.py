@@ -19,7 +19,9 @@ saved tensors see the new values, as an analog array's transposed MVM does) and,
 
 Each stage owns a torch random state (dropout and any other use of torch's global generator
 inside its blocks) that is swapped in around every action, so a stage draws the same random
-numbers whatever the other stages do and wherever it runs.
+numbers whatever the other stages do and wherever it runs. (This is the CPU generator; tiles
+have their own generators on any device, but dropout on a CUDA device would draw from the
+process's CUDA generator.)
 """
 
 from __future__ import annotations
