@@ -275,7 +275,12 @@ class Pipeline:
         with contextlib.ExitStack() as stack:
             for stage in self.stages:
                 stack.enter_context(stage.evaluation(stream))
-            for start in range(0, len(data), self.eval_batch_size):
+            starts = range(0, len(data), self.eval_batch_size)
+            if self.progress and len(starts) > 4:
+                from tqdm.auto import tqdm
+
+                starts = tqdm(starts, desc="evaluating", unit="chunk", leave=False)
+            for start in starts:
                 x = data.x[start : start + self.eval_batch_size]
                 t = data.y[start : start + self.eval_batch_size]
                 for stage in self.stages:
