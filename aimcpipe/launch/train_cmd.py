@@ -18,7 +18,17 @@ from aimcpipe.launch.train import plan, train
 __all__ = ["add_arguments", "run"]
 
 
+EXAMPLES = """examples:
+  aimcpipe train configs/digits-analog.yaml --out runs/digits
+  aimcpipe train configs/digits-analog.yaml --policy sync-1f1b --stages 2 --dry-run
+  aimcpipe train configs/lsq.yaml --set analog.rule=tiki-taka --set optim.lr=1e-2
+  aimcpipe train --resume runs/digits --set epochs=30
+"""
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = EXAMPLES
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("config", nargs="?", type=Path, help="YAML config (see configs/)")
     p.add_argument(
         "--set",
@@ -30,14 +40,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(repeatable; values are YAML)",
     )
     p.add_argument("--backend", choices=["local"], help="where stages run (pipeline.backend)")
-    p.add_argument("--stages", type=int, help="number of pipeline stages (pipeline.stages)")
+    p.add_argument(
+        "--stages", type=int, metavar="N", help="number of pipeline stages (pipeline.stages)"
+    )
     p.add_argument(
         "--policy",
         choices=["wop", "sync-1f1b", "async", "gpipe"],
         help="schedule policy (pipeline.policy)",
     )
-    p.add_argument("--epochs", type=int, help="number of epochs (epochs)")
-    p.add_argument("--out", type=Path, help="run directory (default: no files written)")
+    p.add_argument("--epochs", type=int, metavar="E", help="number of epochs (epochs)")
+    p.add_argument(
+        "--out", type=Path, metavar="DIR", help="run directory (default: no files written)"
+    )
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument(
         "--resume", type=Path, metavar="DIR", help="continue the run in DIR from its checkpoint"
