@@ -14,6 +14,7 @@ from pathlib import Path
 
 from aimcpipe.errors import ConfigError
 from aimcpipe.launch.train import plan, train
+from aimcpipe.runtime.checkpoint import CHECKPOINT_NAME
 
 __all__ = ["add_arguments", "run"]
 
@@ -82,14 +83,22 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--dry-run writes nothing; drop --out/--resume")
         print(plan(args.config, overrides))
         return 0
-    metrics = train(
-        args.config,
-        out=args.out,
-        overrides=overrides,
-        resume=args.resume,
-        force=args.force,
-        progress=not args.no_progress and sys.stderr.isatty(),
-    )
+    try:
+        metrics = train(
+            args.config,
+            out=args.out,
+            overrides=overrides,
+            resume=args.resume,
+            force=args.force,
+            progress=not args.no_progress and sys.stderr.isatty(),
+        )
+    except KeyboardInterrupt:
+        run_dir = args.resume or args.out
+        hint = ""
+        if run_dir is not None and (run_dir / CHECKPOINT_NAME).is_file():
+            hint = f"; continue with: aimcpipe train --resume {run_dir}"
+        print(f"aimcpipe train: interrupted{hint}", file=sys.stderr)
+        return 130
     result = metrics.to_dict()
     if args.json:
         print(json.dumps(result, indent=2))

@@ -426,3 +426,18 @@ def test_a_measured_partition_is_kept_for_resume(tmp_path):
     assert isinstance(saved, list) and sum(saved) == 4 and len(saved) == 2
     assert json.loads((out / "partition.json").read_text())["method"] == "time"
     assert cli(["train", "--resume", str(out), "--set", "epochs=2", "--no-progress"]) == 0
+
+
+def test_an_interrupted_run_says_how_to_continue(tmp_path, capsys, monkeypatch):
+    import aimcpipe.launch.train_cmd as train_cmd
+
+    out = tmp_path / "run"
+
+    def interrupted(*args, **kwargs):
+        out.mkdir()
+        (out / "checkpoint.pt").write_bytes(b"")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_cmd, "train", interrupted)
+    assert cli(train_argv("--out", str(out))) == 130
+    assert f"continue with: aimcpipe train --resume {out}" in capsys.readouterr().err
