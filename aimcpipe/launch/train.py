@@ -178,7 +178,8 @@ def plan(config: str | Path | dict[str, Any] | None, overrides: Sequence[str] = 
     cfg = resolve_config(config, overrides)
     pipe, train_data, test_data = build_job(cfg, progress=False)
     k = pipe._minibatches(train_data)
-    sim = simulate(pipe.schedule_for(k), pipe.costs)
+    schedule = pipe.schedule_for(k)
+    sim = simulate(schedule, pipe.costs)
     per = pipe.microbatches * pipe.microbatch_size
     util = ", ".join(f"{u:.2f}" for u in sim.utilization)
     return "\n".join(
@@ -187,7 +188,7 @@ def plan(config: str | Path | dict[str, Any] | None, overrides: Sequence[str] = 
             f"{k} mini-batches of {pipe.microbatches}×{pipe.microbatch_size} = {per} per epoch "
             f"({len(train_data) - k * per} dropped), {cfg.epochs} epochs",
             pipe.partition.describe(),
-            f"policy {pipe.policy}: {pipe.schedule_for(k).num_actions} actions per epoch, "
+            f"policy {pipe.policy}: {schedule.num_actions} actions per epoch, "
             f"{sim.makespan:g} cycles per epoch ({sim.makespan * cfg.epochs:g} in all), "
             f"utilization per stage {util}",
             f"staleness {list(sim.order.staleness)}, peak stash {list(sim.order.peak_stash)} "

@@ -15,6 +15,7 @@ from pathlib import Path
 from aimcpipe.errors import ConfigError
 from aimcpipe.launch.train import plan, train
 from aimcpipe.runtime.checkpoint import CHECKPOINT_NAME
+from aimcpipe.scheduler import POLICIES
 
 __all__ = ["add_arguments", "run"]
 
@@ -46,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--policy",
-        choices=["wop", "sync-1f1b", "async", "gpipe"],
+        choices=list(POLICIES),
         help="schedule policy (pipeline.policy)",
     )
     p.add_argument("--epochs", type=int, metavar="E", help="number of epochs (epochs)")

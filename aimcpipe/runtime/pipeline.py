@@ -44,6 +44,7 @@ from aimcpipe.runtime.metrics import EpochResult, RunMetrics
 from aimcpipe.runtime.transport import DRIVER, Key, LocalTransport
 from aimcpipe.scheduler import (
     BACKWARD,
+    POLICIES,
     CostModel,
     Schedule,
     build_schedule,
@@ -58,7 +59,7 @@ __all__ = ["LOSSES", "Pipeline"]
 
 log = logging.getLogger(__name__)
 
-PIPELINE_POLICIES = ("wop", "sync-1f1b", "async", "gpipe")
+PIPELINE_POLICIES = tuple(POLICIES)  # every built-in schedule policy trains
 
 
 def _half_mse(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

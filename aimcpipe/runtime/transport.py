@@ -86,6 +86,3 @@ class LocalTransport:
         """Remove and return every waiting message of ``kind`` for ``dst``, by micro-batch."""
         keys = [k for k in self._box if k[0] == kind and k[3] == dst]
         return {k[1]: self._box.pop(k) for k in keys}
-
-    def pending(self) -> list[Key]:
-        return list(self._box)

@@ -57,13 +57,6 @@ class StageCounters:
     def max_staleness(self) -> int:
         return max(self.staleness_histogram, default=0)
 
-    def merge(self, other: StageCounters) -> None:
-        for k, v in other.staleness_histogram.items():
-            self.staleness_histogram[k] = self.staleness_histogram.get(k, 0) + v
-        self.peak_stash = max(self.peak_stash, other.peak_stash)
-        self.peak_stash_bytes = max(self.peak_stash_bytes, other.peak_stash_bytes)
-        self.updates_applied += other.updates_applied
-
 
 @dataclass
 class _Stashed:
@@ -304,6 +297,7 @@ class Stage:
         never changes what training draws."""
         tiles = self._tiles
         kept = [tile._generator for tile in tiles]
+        training = self.modules.training
         try:
             for tile in tiles:
                 g = torch.Generator(device=tile.weight.device)
@@ -316,15 +310,12 @@ class Stage:
         finally:
             for tile, g in zip(tiles, kept, strict=True):
                 tile._generator = g
-            self.modules.train(True)
+            self.modules.train(training)
 
     @torch.no_grad()
     def infer(self, x: torch.Tensor) -> torch.Tensor:
         """Forward without recording anything; use inside :meth:`evaluation`."""
         return self._run_blocks(x)
-
-    def train(self, mode: bool = True) -> None:
-        self.modules.train(mode)
 
     @property
     def idle(self) -> bool:
