@@ -119,14 +119,7 @@ def build_job(
         raise ConfigError("model.analog_exclude: only meaningful with an analog section")
     p = cfg.pipeline
     example = train_data.x[: p.microbatch_size] if p.partition == "time" else None
-    try:
-        pipe = _pipeline(cfg, model, example, out=out, progress=progress)
-    except ConfigError as exc:
-        msg = str(exc)
-        if msg.startswith("partition: "):  # the partitioner names its own argument
-            key = "stages" if "stages but the model has only" in msg else "partition"
-            msg = f"pipeline.{key}: {msg[len('partition: ') :]}"
-        raise ConfigError(msg) from None
+    pipe = _pipeline(cfg, model, example, out=out, progress=progress)
     pipe._minibatches(train_data)  # too little data is a config error, found before any work
     pipe.check_data(train_data)  # so is a model that does not fit the data
     if pipe.partition.method == "time":

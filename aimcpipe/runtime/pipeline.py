@@ -122,9 +122,21 @@ class Pipeline:
         blocks = pipeline_blocks(model)
         if stages is None and isinstance(partition, str):
             stages = 1  # a named method needs a count; lists and callables bring their own
-        self.partition: Partition = make_partition(
-            blocks, stages, partition, tile_size=tile_size, example_input=example_input
-        )
+        if isinstance(stages, int) and not isinstance(stages, bool) and stages > len(blocks):
+            names = ", ".join(name for name, _ in blocks)
+            raise ConfigError(
+                f"pipeline.stages: {stages} stages but the model has only {len(blocks)} "
+                f"blocks ({names})"
+            )
+        try:
+            self.partition: Partition = make_partition(
+                blocks, stages, partition, tile_size=tile_size, example_input=example_input
+            )
+        except ConfigError as exc:  # the partitioner names its own argument "partition"
+            msg = str(exc)
+            if msg.startswith("partition: "):
+                msg = "pipeline." + msg
+            raise ConfigError(msg) from None
         self.policy = policy
         self.microbatches = microbatches
         self.microbatch_size = microbatch_size

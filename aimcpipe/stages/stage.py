@@ -105,6 +105,9 @@ class Stage:
         anchors = {id(layer.anchor) for layer in self.analog}
         self.digital = [p for p in self.modules.parameters() if id(p) not in anchors]
         self._tiles = [m for m in self.modules.modules() if isinstance(m, AnalogTile)]
+        # storages of weights, which autograd also saves but are not activations (updates are
+        # in place, so these stay valid; build stages after moving the model to its device)
+        self._weight_storages = {t.untyped_storage().data_ptr() for t in self._weight_tensors()}
         self.version = 0
         self.counters = StageCounters()
         self._stash: dict[int, _Stashed] = {}
@@ -161,7 +164,7 @@ class Stage:
             self._snapshots[self.version] = [t.detach().clone() for t in self._stashable()]
         # what autograd keeps for the backward is the activation stash's real size (weights,
         # which autograd also saves, are not activations)
-        weights = {t.untyped_storage().data_ptr() for t in self._weight_tensors()}
+        weights = self._weight_storages
         saved: dict[int, int] = {}
 
         def pack(t: torch.Tensor) -> torch.Tensor:
