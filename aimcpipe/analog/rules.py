@@ -104,11 +104,11 @@ class AnalogWeight(nn.Module):
             else:
                 x = torch.cat([x for x, _ in self.pending])
                 d = torch.cat([d for _, d in self.pending])
-            self._apply(x, d, lr, scale)
+            self._apply_update(x, d, lr, scale)
             self.pending.clear()
         return count
 
-    def _apply(self, x: torch.Tensor, d: torch.Tensor, lr: float, scale: float) -> None:
+    def _apply_update(self, x: torch.Tensor, d: torch.Tensor, lr: float, scale: float) -> None:
         """One update from pending records: the mean request ``lr·scale`` by default."""
         self.update(x, d, lr * scale)
 
@@ -182,7 +182,7 @@ class TikiTakaWeight(AnalogWeight):
                 transfer_lr = self.transfer_lr
             self.transfer(lr if transfer_lr is None else transfer_lr)
 
-    def _apply(self, x: torch.Tensor, d: torch.Tensor, lr: float, scale: float) -> None:
+    def _apply_update(self, x: torch.Tensor, d: torch.Tensor, lr: float, scale: float) -> None:
         """A gets the mean of the pending requests (``lr·scale``); the transfer runs at the
         unscaled ``lr``, so α does not shrink with the number of micro-batches an update
         applies (a sync/wop U applies Bm of them, an async U one)."""

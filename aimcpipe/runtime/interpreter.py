@@ -1,4 +1,4 @@
-"""The one interpreter: executes a stage's action list against a transport (DESIGN.md §5).
+"""The one interpreter: executes a stage's action list against a transport (DESIGN §5).
 
 Every backend runs this same code; they differ only in the transport and in who calls
 ``step``. A multi-process backend calls :meth:`Interpreter.run` (each receive blocks, with a
@@ -7,8 +7,14 @@ stage only when the messages its next action needs have arrived.
 
 Which messages an action needs and sends is derived from the schedule
 (:func:`aimcpipe.scheduler.received_message` / :func:`~aimcpipe.scheduler.sent_message`),
-plus the central scheduler's data: stage 0's ``F(n)`` receives ``input`` n, the last stage's
-``F(n)`` receives ``target`` n and sends back ``stats`` n (loss, correct count).
+plus the data: stage 0's ``F(n)`` reads ``input`` n and the last stage's ``F(n)`` reads
+``target`` n, both from the stage's own ``feed`` (or, without one, from the transport). The
+last stage keeps each micro-batch's loss statistics in :attr:`Interpreter.stats`.
+
+Emulated device time: with ``pace`` given, an action lasts at least ``pace(action)`` seconds —
+the host waits out the rest after computing and before sending, so the output leaves when
+an accelerator would have produced it. Actions whose compute alone takes longer are counted
+in :attr:`Interpreter.overruns`.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from aimcpipe.errors import ScheduleError, StageFailure
 from aimcpipe.runtime.transport import DRIVER, Key, Transport
@@ -24,10 +31,13 @@ from aimcpipe.stages.stage import Stage
 
 __all__ = ["ActionRecord", "Interpreter", "run_local"]
 
+Feed = Callable[[Key], Any]
+
 
 @dataclass(frozen=True)
 class ActionRecord:
-    """One executed action with its wall-clock start/end (seconds since the run's origin)."""
+    """One executed action with its wall-clock start/end in seconds: on the interpreter's
+    clock minus its ``origin``."""
 
     action: Action
     start: float
@@ -56,9 +66,11 @@ class Interpreter:
         actions: Sequence[Action],
         transport: Transport,
         *,
+        feed: Feed | None = None,
         timeout: float = 300.0,
         origin: float | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        pace: Callable[[Action], float] | None = None,
     ) -> None:
         for a in actions:
             if a.stage != stage.index:
@@ -66,11 +78,16 @@ class Interpreter:
         self.stage = stage
         self.actions = list(actions)
         self.transport = transport
+        self.feed = feed
         self.timeout = timeout
         self.clock = clock
         self.origin = clock() if origin is None else origin
+        self.pace = pace
         self.position = 0
         self.records: list[ActionRecord] = []
+        self.stats: list[dict[str, float]] = []
+        self.overruns = 0
+        self.overrun_s = 0.0
         self._needs = [_needs(a, stage.num_stages) for a in self.actions]
 
     @property
@@ -81,15 +98,23 @@ class Interpreter:
     def next_action(self) -> Action | None:
         return None if self.done else self.actions[self.position]
 
+    def _from_feed(self, key: Key) -> bool:
+        return key[2] == DRIVER and self.feed is not None
+
     def ready(self) -> bool:
         """Whether the next action's messages have all arrived."""
-        return not self.done and all(self.transport.ready(k) for k in self._needs[self.position])
+        return not self.done and all(
+            self._from_feed(k) or self.transport.ready(k) for k in self._needs[self.position]
+        )
 
     def step(self) -> Action:
         """Receive what the next action needs (waiting up to ``timeout``), execute it, send
         what it produces."""
         action = self.actions[self.position]
-        inputs = [self.transport.recv(k, self.timeout) for k in self._needs[self.position]]
+        inputs = [
+            self.feed(k) if self._from_feed(k) else self.transport.recv(k, self.timeout)  # type: ignore[misc]
+            for k in self._needs[self.position]
+        ]
         start = self.clock()
         kind, s, mbs = action
         stage = self.stage
@@ -108,14 +133,28 @@ class Interpreter:
         except Exception as exc:
             raise StageFailure(f"stage {s}: {action} failed: {type(exc).__name__}: {exc}") from exc
         end = self.clock()
+        if self.pace is not None:
+            end = self._wait_out(action, start, end)
         msg = sent_message(action, stage.num_stages)
         if msg is not None:
             self.transport.send((msg.kind, msg.microbatch, msg.src, msg.dst), out)
         if stats is not None:
-            self.transport.send(("stats", mbs[0], s, DRIVER), stats)
+            self.stats.append(stats)
         self.records.append(ActionRecord(action, start - self.origin, end - self.origin))
         self.position += 1
         return action
+
+    def _wait_out(self, action: Action, start: float, end: float) -> float:
+        """Emulated device time: hold the action until ``pace(action)`` has passed."""
+        assert self.pace is not None
+        due = start + self.pace(action)
+        if end > due:
+            self.overruns += 1
+            self.overrun_s += end - due
+            return end
+        while (left := due - self.clock()) > 0:
+            time.sleep(left)
+        return self.clock()
 
     def run(self) -> None:
         """Execute the whole list (multi-process backends: receives block)."""

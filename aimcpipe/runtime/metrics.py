@@ -11,6 +11,11 @@ epochs and writes the ``metrics.json`` contract::
 Measured utilization is a stage's busy seconds over the seconds the schedules took to run
 (evaluation excluded). On the in-process backend the stages take turns on one interpreter, so
 it sums to about 1 across stages; the multi-process backends overlap them.
+
+With emulated device time (``device_time.cycle_s``) the cost model predicts each epoch's
+makespan in seconds (cycles × cycle_s); ``device_time.efficiency`` is that prediction over the
+measured makespan (first action start to last action end, all stages), i.e. how much of the
+schedule's timing survives the runtime's own overhead.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ class EpochResult:
     peak_stash: list[int]
     peak_stash_bytes: list[int]
     bytes_sent: list[int]
+    makespan_s: float = 0.0
+    overruns: list[int] = field(default_factory=list)
     test_loss: float | None = None
     test_accuracy: float | None = None
 
@@ -57,12 +64,15 @@ class EpochResult:
         sim: SimResult,
         counters: Sequence[Any],
         bytes_sent: list[int],
+        overruns: list[int] | None = None,
     ) -> EpochResult:
         samples = sum(s["samples"] for s in stats)
         loss = sum(s["loss"] * s["samples"] for s in stats) / samples
         accuracy = None
         if stats and "correct" in stats[0]:
             accuracy = sum(s["correct"] for s in stats) / samples
+        starts = [r.start for stage_records in records for r in stage_records[:1]]
+        ends = [r.end for stage_records in records for r in stage_records[-1:]]
         by_kind = []
         for stage_records in records:
             totals = dict.fromkeys(KINDS, 0.0)
@@ -84,6 +94,8 @@ class EpochResult:
             peak_stash=[c.peak_stash for c in counters],
             peak_stash_bytes=[c.peak_stash_bytes for c in counters],
             bytes_sent=bytes_sent,
+            makespan_s=max(ends) - min(starts) if starts else 0.0,
+            overruns=list(overruns) if overruns is not None else [0] * len(records),
         )
 
     def history_row(self) -> dict[str, Any]:
@@ -111,6 +123,17 @@ class EpochResult:
         return ", ".join(parts)
 
 
+def _new_measured(stages: int) -> dict[str, Any]:
+    return {
+        "wall_s": 0.0,
+        "makespan_s": 0.0,
+        "busy_s": [0.0] * stages,
+        "busy_s_by_kind": [dict.fromkeys(KINDS, 0.0) for _ in range(stages)],
+        "bytes_sent": [0] * stages,
+        "overruns": [0] * stages,
+    }
+
+
 def _add(into: list[Any], values: Sequence[Any]) -> list[Any]:
     return [a + b for a, b in zip(into, values, strict=True)] if into else list(values)
 
@@ -134,18 +157,14 @@ class RunMetrics:
     staleness_histogram: list[dict[int, int]] = field(default_factory=list)
     peak_stash: list[int] = field(default_factory=list)
     peak_stash_bytes: list[int] = field(default_factory=list)
+    cycle_s: float | None = None
 
     @classmethod
     def new(cls, **kwargs: Any) -> RunMetrics:
         m = cls(**kwargs)
         zeros = [0] * m.stages
         m.cycles = {"makespan": 0, "busy": list(zeros)}
-        m.measured = {
-            "wall_s": 0.0,
-            "busy_s": [0.0] * m.stages,
-            "busy_s_by_kind": [dict.fromkeys(KINDS, 0.0) for _ in zeros],
-            "bytes_sent": list(zeros),
-        }
+        m.measured = _new_measured(m.stages)
         m.staleness_histogram = [{} for _ in zeros]
         m.peak_stash = list(zeros)
         m.peak_stash_bytes = list(zeros)
@@ -165,6 +184,8 @@ class RunMetrics:
         self.cycles["makespan"] += r.cycles
         self.cycles["busy"] = _add(self.cycles["busy"], r.busy_cycles)
         m = self.measured
+        m["makespan_s"] += r.makespan_s
+        m["overruns"] = _add(m["overruns"], r.overruns)
         m["busy_s"] = _add(m["busy_s"], r.busy_s)
         m["bytes_sent"] = _add(m["bytes_sent"], r.bytes_sent)
         for total, epoch in zip(m["busy_s_by_kind"], r.busy_s_by_kind, strict=True):
@@ -188,7 +209,7 @@ class RunMetrics:
         makespan = self.cycles["makespan"]
         cycles_util = [b / makespan if makespan else 0.0 for b in self.cycles["busy"]]
         measured_util = [b / self.train_s if self.train_s else 0.0 for b in self.measured["busy_s"]]
-        return {
+        out: dict[str, Any] = {
             "policy": self.policy,
             "backend": self.backend,
             "stages": self.stages,
@@ -210,6 +231,8 @@ class RunMetrics:
                 "idle_s": [max(self.train_s - b, 0.0) for b in self.measured["busy_s"]],
                 "busy_s_by_kind": copy.deepcopy(self.measured["busy_s_by_kind"]),
                 "bytes_sent": list(self.measured["bytes_sent"]),
+                "makespan_s": self.measured["makespan_s"],
+                "overruns": list(self.measured["overruns"]),
             },
             "staleness": self.staleness,
             "staleness_histogram": [
@@ -219,6 +242,16 @@ class RunMetrics:
             "peak_stash_bytes": list(self.peak_stash_bytes),
             "samples_per_s": self.samples / self.train_s if self.train_s else math.nan,
         }
+        if self.cycle_s is not None:
+            predicted = makespan * self.cycle_s
+            measured = self.measured["makespan_s"]
+            out["device_time"] = {
+                "cycle_s": self.cycle_s,
+                "predicted_s": predicted,
+                "measured_s": measured,
+                "efficiency": predicted / measured if measured else math.nan,
+            }
+        return out
 
     def to_state(self) -> dict[str, Any]:
         """Plain data for a checkpoint."""
@@ -228,5 +261,7 @@ class RunMetrics:
     def from_state(cls, state: dict[str, Any]) -> RunMetrics:
         state = copy.deepcopy(state)
         m = cls(**state)
+        for key, value in _new_measured(m.stages).items():
+            m.measured.setdefault(key, value)
         m.staleness_histogram = [{int(k): v for k, v in h.items()} for h in m.staleness_histogram]
         return m

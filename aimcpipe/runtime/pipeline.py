@@ -1,7 +1,7 @@
 """``Pipeline``: train any torch model (analog-converted or not) with a pipeline policy.
 
-This is the central scheduler of DESIGN.md §5 for the in-process (``local``) backend, and the
-Python API the ``aimcpipe train`` command is built on::
+This is the central scheduler of the runtime and the Python API the ``aimcpipe train``
+command is built on::
 
     from aimcpipe.runtime import Pipeline, load_dataset
     from aimcpipe.stages import build_model
@@ -9,9 +9,16 @@ Python API the ``aimcpipe train`` command is built on::
 
     train, test = load_dataset("digits")
     model = convert(build_model("digits-fcn"), AnalogConfig(rule="analog-sgd"))
-    pipe = Pipeline(model, stages=4, policy="async", microbatches=8, microbatch_size=8, lr=0.1)
-    metrics = pipe.fit(train, test, epochs=5)
+    with Pipeline(model, stages=4, policy="async", microbatches=8, microbatch_size=8,
+                  lr=0.1, backend="torch") as pipe:
+        metrics = pipe.fit(train, test, epochs=5)
     print(metrics.final["test_accuracy"], metrics.cycles["makespan"])
+
+The scheduler decides everything that must agree across stages once — the partition, the
+loss, each epoch's lr and sample order — and a :class:`~aimcpipe.runtime.backends.Backend`
+(``local``, ``torch`` or ``ray``) runs the stages: the same stage workers and interpreter on
+every backend, so every backend trains the same weights. The scheduler keeps the metrics,
+the checkpoints and the run directory.
 
 Each epoch is one schedule of K mini-batches of Bm micro-batches (the last incomplete
 mini-batch of an epoch is dropped; shuffling is per epoch, so every sample is used over
@@ -22,7 +29,6 @@ total: a pipeline restored from a checkpoint continues where it stopped.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -32,28 +38,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from aimcpipe.errors import AimcpipeError, ConfigError
+from aimcpipe.runtime.backends import Backend, make_backend
 from aimcpipe.runtime.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from aimcpipe.runtime.datasets import Dataset, epoch_order
-from aimcpipe.runtime.interpreter import ActionRecord, Interpreter, run_local
+from aimcpipe.runtime.interpreter import ActionRecord
+from aimcpipe.runtime.losses import LOSSES, check_loss, resolve_loss
 from aimcpipe.runtime.lr import LRSchedule
 from aimcpipe.runtime.metrics import EpochResult, RunMetrics
-from aimcpipe.runtime.transport import DRIVER, Key, LocalTransport
-from aimcpipe.scheduler import (
-    BACKWARD,
-    POLICIES,
-    CostModel,
-    Schedule,
-    build_schedule,
-    simulate,
-)
+from aimcpipe.runtime.options import BACKENDS, DeviceTime, RayOptions, RuntimeOptions
+from aimcpipe.runtime.plan import EpochPlan, EvalPlan, StageReport, StageSpec, shifted
+from aimcpipe.scheduler import POLICIES, CostModel, Schedule, build_schedule, simulate
 from aimcpipe.stages.blocks import pipeline_blocks
 from aimcpipe.stages.partition import Partition
 from aimcpipe.stages.partition import partition as make_partition
-from aimcpipe.stages.stage import LossFn, Stage, StageCounters
+from aimcpipe.stages.stage import LossFn, Stage
 
 __all__ = ["LOSSES", "Pipeline"]
 
@@ -62,22 +63,26 @@ log = logging.getLogger(__name__)
 PIPELINE_POLICIES = tuple(POLICIES)  # every built-in schedule policy trains
 
 
-def _half_mse(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """½·mean squared error, the least-squares objective of arXiv 2406.12774."""
-    return 0.5 * F.mse_loss(y, t.to(y.dtype).reshape(y.shape))
-
-
-LOSSES: dict[str, LossFn] = {"cross-entropy": F.cross_entropy, "mse": _half_mse}
+def _check_type(name: str, value: Any, kind: type, what: str) -> None:
+    if not isinstance(value, kind):
+        raise ConfigError(f"{name}: must be {what}, got {value!r}")
 
 
 class Pipeline:
-    """A model cut into stages, trained under ``policy`` on the in-process backend.
+    """A model cut into stages, trained under ``policy`` on a backend.
 
     ``stages``/``partition``: how to cut the model's blocks (see
     :func:`aimcpipe.stages.partition`); ``microbatches`` (Bm) micro-batches of
     ``microbatch_size`` samples make a mini-batch. ``loss`` is ``"cross-entropy"``,
     ``"mse"``, a callable, or None to pick by the dataset's task. ``out`` is the run
-    directory (DESIGN.md §6); ``checkpoint_every`` epochs a checkpoint is written there.
+    directory; ``checkpoint_every`` epochs a checkpoint is written there.
+
+    ``backend``: ``"local"`` (every stage in this process, the reference), ``"torch"`` (one
+    process per stage, spawned here on loopback, or this process's torchrun world) or
+    ``"ray"`` (one actor per stage), or a started :class:`Backend` to reuse (then it is not
+    closed here). ``runtime``: threads per stage, timeouts, devices. ``cycle_s``: emulated
+    device time per cost-model cycle. ``ray``: the Ray cluster and resources per actor.
+    Close the pipeline (or use it as a context manager) to stop its stage processes.
     """
 
     def __init__(
@@ -101,7 +106,10 @@ class Pipeline:
         out: str | Path | None = None,
         checkpoint_every: int = 0,
         progress: bool = True,
-        timeout: float = 300.0,
+        backend: str | Backend = "local",
+        runtime: RuntimeOptions | None = None,
+        cycle_s: float | None = None,
+        ray: RayOptions | None = None,
         settings: dict[str, Any] | None = None,
     ) -> None:
         if policy not in PIPELINE_POLICIES:
@@ -116,8 +124,20 @@ class Pipeline:
             raise ConfigError(f"optim.lr: must be a number > 0, got {lr!r}")
         if weight_stashing and policy != "async":
             raise ConfigError("pipeline.weight_stashing: only the async policy stashes weights")
-        if isinstance(loss, str) and loss not in LOSSES:
-            raise ConfigError(f"loss: {loss!r} is not a loss; allowed: {', '.join(LOSSES)}")
+        if not isinstance(backend, Backend) and backend not in BACKENDS:
+            raise ConfigError(
+                f"pipeline.backend: {backend!r} is not a backend; allowed: {', '.join(BACKENDS)}"
+            )
+        runtime = runtime if runtime is not None else RuntimeOptions()
+        _check_type("runtime", runtime, RuntimeOptions, "a RuntimeOptions")
+        ray = ray if ray is not None else RayOptions()
+        _check_type("ray", ray, RayOptions, "a RayOptions")
+        try:
+            DeviceTime(cycle_s)
+        except ConfigError as exc:
+            raise ConfigError(f"device_time.{exc}") from None
+        remote = isinstance(backend, Backend) or backend != "local"
+        check_loss(loss, remote=remote)
         self.model = model
         blocks = pipeline_blocks(model)
         if stages is None and isinstance(partition, str):
@@ -137,6 +157,7 @@ class Pipeline:
             if msg.startswith("partition: "):
                 msg = "pipeline." + msg
             raise ConfigError(msg) from None
+        self._blocks = blocks
         self.policy = policy
         self.microbatches = microbatches
         self.microbatch_size = microbatch_size
@@ -149,44 +170,105 @@ class Pipeline:
         self.out = Path(out) if out is not None else None
         self.checkpoint_every = checkpoint_every
         self.progress = progress
-        self.timeout = timeout
+        self.runtime = runtime
+        self.cycle_s = cycle_s
+        self.ray = ray
         self.settings = settings
-        self._loss: LossFn | None = LOSSES[loss] if isinstance(loss, str) else loss
-        num = self.partition.num_stages
-        self.stages = [
-            Stage(
-                s,
-                num,
-                [blocks[i] for i in range(self.partition.bounds[s], self.partition.bounds[s + 1])],
-                lr=self.lr,
-                loss_fn=self._compute_loss if s == num - 1 else None,
-                seed=seed,
-                weight_stashing=weight_stashing,
-            )
-            for s in range(num)
-        ]
+        self._loss: str | LossFn | None = loss
+        self._backend: Backend | None = backend if isinstance(backend, Backend) else None
+        self._owns_backend = not isinstance(backend, Backend)
+        self.backend_name = backend.name if isinstance(backend, Backend) else backend
+        self._started = False
+        self._pending_states: list[dict[str, Any]] | None = None
+        self._datasets: dict[int, tuple[str, Dataset]] = {}
         self.epoch = 0
         self.metrics = RunMetrics.new(
             policy=policy,
-            backend="local",
-            stages=num,
+            backend=self.backend_name,
+            stages=self.num_stages,
             microbatches=microbatches,
             microbatch_size=microbatch_size,
+            cycle_s=cycle_s,
         )
         self._trace: list[list[ActionRecord]] | None = None
 
-    # -- loss ----------------------------------------------------------------------------
-    def _compute_loss(self, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        assert self._loss is not None
-        return self._loss(y, target)
+    # -- stages --------------------------------------------------------------------------
+    @property
+    def num_stages(self) -> int:
+        return self.partition.num_stages
+
+    def _stage_blocks(self, s: int) -> list[tuple[str, nn.Module]]:
+        lo, hi = self.partition.bounds[s], self.partition.bounds[s + 1]
+        return [self._blocks[i] for i in range(lo, hi)]
+
+    def _local_stage(self, s: int) -> Stage:
+        """Stage ``s`` built here on the blocks (for checks and the state of an unstarted
+        pipeline; the loss only matters once data is known)."""
+        num = self.num_stages
+        loss = resolve_loss(self._loss or "mse") if s == num - 1 else None
+        return Stage(s, num, self._stage_blocks(s), lr=self.lr, loss_fn=loss, seed=self.seed)
 
     def _pick_loss(self, data: Dataset) -> None:
         if self._loss is None:
-            self._loss = LOSSES["cross-entropy" if data.task == "classification" else "mse"]
+            self._loss = "cross-entropy" if data.task == "classification" else "mse"
+
+    def specs(self) -> list[StageSpec]:
+        """What each stage worker is built from (the loss must be chosen)."""
+        num = self.num_stages
+        return [
+            StageSpec(
+                index=s,
+                num_stages=num,
+                blocks=self._stage_blocks(s),
+                lr=self.lr,
+                loss=self._loss if s == num - 1 else None,
+                seed=self.seed,
+                weight_stashing=self.weight_stashing,
+            )
+            for s in range(num)
+        ]
 
     @property
-    def num_stages(self) -> int:
-        return len(self.stages)
+    def backend(self) -> Backend:
+        """The backend running the stages (started on first use)."""
+        if self._backend is None:
+            self._backend = make_backend(self.backend_name, self.runtime, self.ray)
+        return self._backend
+
+    def _start(self, data: Dataset) -> Backend:
+        self._pick_loss(data)
+        backend = self.backend
+        if not self._started:
+            backend.start(self.specs())
+            self._started = True
+            if self._pending_states is not None:
+                backend.load_state_dicts(self._pending_states)
+                self._pending_states = None
+        return backend
+
+    def _data_key(self, data: Dataset) -> str:
+        """Place ``data`` on the stages once (inputs on the first, targets on the last)."""
+        held = self._datasets.get(id(data))
+        if held is not None and held[1] is data:
+            return held[0]
+        key = f"data{len(self._datasets)}"
+        self.backend.put_data(key, data.x, data.y)
+        self._datasets[id(data)] = (key, data)
+        return key
+
+    def close(self) -> None:
+        """Stop the stage workers (processes or actors) this pipeline started."""
+        if self._backend is not None and self._owns_backend:
+            self._backend.close()
+            self._backend = None
+            self._started = False
+            self._datasets.clear()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- training --------------------------------------------------------------------------
     def schedule_for(self, minibatches: int) -> Schedule:
@@ -206,140 +288,135 @@ class Pipeline:
             )
         return k
 
+    def plan(self, data: Dataset, epoch: int) -> EpochPlan:
+        """Epoch ``epoch``'s plan over ``data`` (placed on the stages)."""
+        return EpochPlan(
+            epoch=epoch,
+            lr=self.lr_schedule.lr_at(self.lr, epoch),
+            policy=self.policy,
+            num_stages=self.num_stages,
+            microbatches=self.microbatches,
+            minibatches=self._minibatches(data),
+            microbatch_size=self.microbatch_size,
+            weight_stashing=self.weight_stashing,
+            data=self._data_key(data),
+            order=epoch_order(len(data), self.seed, epoch),
+            costs=self.costs,
+            cycle_s=self.cycle_s,
+            timeout_s=self.runtime.timeout_s,
+        )
+
     def train_epoch(self, data: Dataset, epoch: int, epochs: int | None = None) -> EpochResult:
         """Run one epoch's schedule over ``data`` (shuffled by seed and epoch); ``epochs``
         only labels the progress bar."""
-        self._pick_loss(data)
-        k = self._minibatches(data)
-        schedule = self.schedule_for(k)
-        lr = self.lr_schedule.lr_at(self.lr, epoch)
-        order = epoch_order(len(data), self.seed, epoch)
-        b = self.microbatch_size
-
-        def feed(key: Key) -> torch.Tensor:
-            kind, n, _, _ = key
-            idx = order[n * b : (n + 1) * b]
-            return data.x[idx] if kind == "input" else data.y[idx]
-
-        transport = LocalTransport(feed)
-        for stage in self.stages:
-            stage.lr = lr
-        for stage in self.stages:
-            stage.counters = StageCounters()
-        origin = time.perf_counter()
-        interpreters = [
-            Interpreter(stage, schedule.stages[s], transport, timeout=self.timeout, origin=origin)
-            for s, stage in enumerate(self.stages)
-        ]
+        backend = self._start(data)
+        plan = self.plan(data, epoch)
+        k = plan.minibatches
         bar = None
+        progress = None
         if self.progress:
             from tqdm.auto import tqdm
 
             label = f"epoch {epoch + 1}" + (f"/{epochs}" if epochs else "")
             bar = tqdm(total=k, desc=label, unit="mini-batch", leave=False)
-        last = self.num_stages - 1
-        done_backwards = 0
 
-        def on_action(action: Any) -> None:
-            nonlocal done_backwards
-            if action.kind == BACKWARD and action.stage == last:
-                done_backwards += 1
-                if done_backwards % self.microbatches == 0:
-                    bar.update(1)
+            def progress(done: int) -> None:
+                assert bar is not None
+                bar.update(done // self.microbatches - bar.n)
 
-        run_local(interpreters, on_action if bar is not None else None)
+        origin = time.perf_counter()
+        try:
+            reports = backend.run_epoch(plan, progress)
+        finally:
+            if bar is not None:
+                bar.close()
         wall = time.perf_counter() - origin
-        if bar is not None:
-            bar.close()
-        stats = transport.take_all("stats", DRIVER)
+        return self._epoch_result(plan, reports, origin, wall)
+
+    def _epoch_result(
+        self, plan: EpochPlan, reports: list[StageReport], origin: float, wall: float
+    ) -> EpochResult:
+        records = [shifted(rep.records, -origin) for rep in reports]
         executed = Schedule(
             self.policy,
-            [[r.action for r in it.records] for it in interpreters],
+            [[r.action for r in stage] for stage in records],
             self.microbatches,
-            k,
+            plan.minibatches,
             weight_stashing=self.weight_stashing,
         )
         sim = simulate(executed, self.costs)
-        records = [it.records for it in interpreters]
         if self._trace is None:
             self._trace = records
-        counters = [stage.counters for stage in self.stages]
         return EpochResult.from_run(
-            epoch=epoch,
-            lr=lr,
-            stats=[stats[n] for n in sorted(stats)],
+            epoch=plan.epoch,
+            lr=plan.lr,
+            stats=reports[-1].stats,
             records=records,
             wall_s=wall,
             sim=sim,
-            counters=counters,
-            bytes_sent=[transport.bytes_sent.get(s, 0) for s in range(self.num_stages)],
+            counters=[rep.counters for rep in reports],
+            bytes_sent=[rep.bytes_sent for rep in reports],
+            overruns=[rep.overruns for rep in reports],
         )
 
-    @torch.no_grad()
     def evaluate(self, data: Dataset, stream: int | None = None) -> dict[str, float]:
         """Mean loss (and accuracy for classification) of the current model on ``data``.
 
         Evaluation draws its IO noise from streams of its own (``stream``, by default the
         number of epochs trained), so it never changes training (see ``Stage.evaluation``)."""
-        self._pick_loss(data)
-        stream = self.epoch if stream is None else stream
-        total_loss = 0.0
-        correct = 0
-        with contextlib.ExitStack() as stack:
-            for stage in self.stages:
-                stack.enter_context(stage.evaluation(stream))
-            starts = range(0, len(data), self.eval_batch_size)
-            if self.progress and len(starts) > 4:
-                from tqdm.auto import tqdm
-
-                starts = tqdm(starts, desc="evaluating", unit="chunk", leave=False)
-            for start in starts:
-                x = data.x[start : start + self.eval_batch_size]
-                t = data.y[start : start + self.eval_batch_size]
-                for stage in self.stages:
-                    x = stage.infer(x)
-                total_loss += float(self._compute_loss(x, t)) * len(t)
-                if data.task == "classification":
-                    correct += int((x.argmax(dim=1) == t).sum())
-        out = {"loss": total_loss / len(data)}
+        if not isinstance(data, Dataset):
+            raise ConfigError(f"data: must be a Dataset, got {type(data).__name__}")
+        backend = self._start(data)
+        plan = EvalPlan(
+            data=self._data_key(data),
+            size=len(data),
+            chunk=self.eval_batch_size,
+            stream=self.epoch if stream is None else stream,
+            timeout_s=self.runtime.timeout_s,
+        )
+        result = backend.evaluate(plan)
+        out = {"loss": result.loss_sum / len(data)}
         if data.task == "classification":
-            out["accuracy"] = correct / len(data)
+            out["accuracy"] = result.correct / len(data)
         return out
 
     def check_data(self, data: Dataset) -> None:
         """Run one micro-batch through every stage and the loss (on evaluation streams, so
         training is unchanged): a model that does not fit the data fails here, before any
-        file is written, with one line naming the stage."""
+        file is written or process started, with one line naming the stage."""
         self._pick_loss(data)
+        assert self._loss is not None
         x = data.x[: self.microbatch_size]
         t = data.y[: self.microbatch_size]
-        with contextlib.ExitStack() as stack, torch.no_grad():
-            for stage in self.stages:
-                stack.enter_context(stage.evaluation(-1))
-            for stage in self.stages:
+        for s in range(self.num_stages):
+            stage = self._local_stage(s)
+            with stage.evaluation(-1):
                 try:
                     x = stage.infer(x)
                 except Exception as exc:
                     raise ConfigError(
-                        f"model: stage {stage.index} ({', '.join(stage.names)}) cannot take "
+                        f"model: stage {s} ({', '.join(stage.names)}) cannot take "
                         f"the data (input {tuple(x.shape)} from {data.name}): "
                         f"{type(exc).__name__}: {exc}".replace("\n", " ")
                     ) from None
-            try:
-                self._compute_loss(x, t)
-            except Exception as exc:
-                raise ConfigError(
-                    f"model: its output {tuple(x.shape)} does not fit the {data.task} targets "
-                    f"{tuple(t.shape)} of {data.name}: {type(exc).__name__}: {exc}".replace(
-                        "\n", " "
-                    )
-                ) from None
+        try:
+            with torch.no_grad():
+                resolve_loss(self._loss)(x, t)
+        except Exception as exc:
+            raise ConfigError(
+                f"model: its output {tuple(x.shape)} does not fit the {data.task} targets "
+                f"{tuple(t.shape)} of {data.name}: {type(exc).__name__}: {exc}".replace("\n", " ")
+            ) from None
 
     def fit(self, train: Dataset, test: Dataset | None = None, epochs: int = 1) -> RunMetrics:
         """Train until ``epochs`` epochs are done in total; evaluate on ``test`` after each
         epoch; write the run directory if ``out`` was given. Returns the metrics."""
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ConfigError(f"epochs: must be an integer >= 1, got {epochs!r}")
+        if not isinstance(train, Dataset):
+            raise ConfigError(f"train: must be a Dataset, got {type(train).__name__}")
+        if test is not None and not isinstance(test, Dataset):
+            raise ConfigError(f"test: must be a Dataset or None, got {type(test).__name__}")
         self._minibatches(train)  # fail before any work if the data cannot fill a mini-batch
         if self.epoch < epochs:
             log.info("%s", self.partition.describe())
@@ -357,9 +434,9 @@ class Pipeline:
             self.epoch = epoch + 1
             log.info("%s", result.summary(epochs))
             if not math.isfinite(result.train_loss):
-                kept = (
-                    f"; {self.out / CHECKPOINT_NAME} holds the last checkpoint" if self.out else ""
-                )
+                kept = ""
+                if self.out is not None and (self.out / CHECKPOINT_NAME).is_file():
+                    kept = f"; {self.out / CHECKPOINT_NAME} holds the last checkpoint"
                 raise AimcpipeError(
                     f"training diverged in epoch {epoch + 1} (train loss {result.train_loss}); "
                     f"try a smaller optim.lr{kept}"
@@ -374,33 +451,55 @@ class Pipeline:
         return self.metrics
 
     # -- state -------------------------------------------------------------------------------
+    def _stage_states(self) -> list[dict[str, Any]]:
+        if self._started:
+            return self.backend.state_dicts()
+        if self._pending_states is not None:
+            return self._pending_states
+        # not started: the blocks as built, with each stage's initial random state
+        return [self._local_stage(s).state_dict() for s in range(self.num_stages)]
+
     def state_dict(self) -> dict[str, Any]:
         """The whole model's weights (stages merged), keyed as ``model.state_dict()``."""
+        if self._started:
+            states = self.backend.model_states()
+        else:
+            states = [
+                {f"{name}.{key}": v for name, sd in st["blocks"].items() for key, v in sd.items()}
+                for st in self._stage_states()
+            ]
         merged: dict[str, Any] = {}
-        for stage in self.stages:
-            merged.update(stage.model_state())
+        for state in states:
+            merged.update(state)
         return merged
 
     def checkpoint_state(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
-            "stages": [stage.state_dict() for stage in self.stages],
+            "stages": self._stage_states(),
             "metrics": self.metrics.to_state(),
             "bounds": list(self.partition.bounds),
             "settings": self.settings,
         }
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Continue from a checkpoint written by a run with the same settings."""
+        """Continue from a checkpoint written by a run with the same settings (on any
+        backend: a checkpoint is one file in one format)."""
         state = load_checkpoint(path)
         if list(state["bounds"]) != list(self.partition.bounds):
             raise ConfigError(
                 f"--resume: the checkpoint's partition {state['bounds']} differs from this "
                 f"run's {list(self.partition.bounds)}"
             )
-        for stage, stage_state in zip(self.stages, state["stages"], strict=True):
-            stage.load_state_dict(stage_state)
-        self.metrics = RunMetrics.from_state(state["metrics"])
+        stages = list(state["stages"])
+        if self._started:
+            self.backend.load_state_dicts(stages)
+        else:
+            self._pending_states = stages
+        metrics = RunMetrics.from_state(state["metrics"])
+        metrics.backend = self.backend_name  # the backend may change on resume
+        metrics.cycle_s = self.cycle_s
+        self.metrics = metrics
         self.epoch = int(state["epoch"])
 
     # -- run directory -----------------------------------------------------------------------

@@ -300,6 +300,7 @@ class Stage:
         never changes what training draws."""
         tiles = self._tiles
         kept = [tile._generator for tile in tiles]
+        kept_rng = self._rng_state
         training = self.modules.training
         try:
             for tile in tiles:
@@ -307,18 +308,21 @@ class Stage:
                 g.manual_seed(derive_seed(tile.seed, "eval", stream))
                 tile._generator = g
             self.modules.train(False)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(derive_seed(self._seed, "eval", self.index, stream))
-                yield
+            seed = derive_seed(self._seed, "eval", self.index, stream)
+            self._rng_state = torch.Generator().manual_seed(seed).get_state()
+            yield
         finally:
             for tile, g in zip(tiles, kept, strict=True):
                 tile._generator = g
+            self._rng_state = kept_rng
             self.modules.train(training)
 
     @torch.no_grad()
     def infer(self, x: torch.Tensor) -> torch.Tensor:
-        """Forward without recording anything; use inside :meth:`evaluation`."""
-        return self._run_blocks(x)
+        """Forward without recording anything (on the stage's own random state); use inside
+        :meth:`evaluation`."""
+        with self._own_rng():
+            return self._run_blocks(x)
 
     @property
     def idle(self) -> bool:

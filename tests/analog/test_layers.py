@@ -179,3 +179,16 @@ def test_cuda_tiles_train_like_cpu_tiles_with_expected_updates():
     F.cross_entropy(pulsed(x.cuda()), target.cuda()).backward()
     AnalogSGD(pulsed, 0.1).step()
     assert pulsed[0].weight.is_cuda
+
+
+def test_an_analog_model_moves_with_to():
+    """``.to(device)`` reaches every tile (an update rule's method once shadowed
+    ``nn.Module._apply``, so moving an analog model raised)."""
+    model = convert(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)), AnalogConfig())
+    before = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    moved = model.to("cpu")
+    assert moved is model
+    for key, value in before.items():
+        assert torch.equal(model.state_dict()[key], value), key
+    model.to(torch.float64)
+    assert all(t.dtype == torch.float64 for t in model.buffers() if t.is_floating_point())

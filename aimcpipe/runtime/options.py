@@ -1,0 +1,97 @@
+"""Settings of the runtime itself: where stages run and how long anything may wait.
+
+These are the ``runtime``, ``device_time`` and ``ray`` sections of a train config and the
+``runtime=``/``device_time=``/``ray=`` arguments of :class:`~aimcpipe.runtime.Pipeline`. They
+never change the numbers a run computes (``threads`` aside, which is why it is one setting
+applied by every backend), so a resumed run may change any of them but ``threads``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from aimcpipe.errors import ConfigError
+
+__all__ = ["BACKENDS", "DeviceTime", "RayOptions", "RuntimeOptions"]
+
+BACKENDS = ("local", "torch", "ray")
+
+
+def _positive(name: str, value: object, *, integer: bool = False, allow_zero: bool = False) -> None:
+    kind = "an integer" if integer else "a number"
+    bound = ">= 0" if allow_zero else "> 0"
+    ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
+    if (
+        isinstance(value, bool)
+        or not ok_type
+        or not math.isfinite(value)  # type: ignore[arg-type]
+        or value < 0  # type: ignore[operator]
+        or (value == 0 and not allow_zero)
+    ):
+        raise ConfigError(f"{name}: must be {kind} {bound}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How every backend runs its stages.
+
+    ``threads``: torch intra-op threads per stage, set by every backend (the local one too),
+    so float reductions run in the same order everywhere (torchrun would otherwise force 1
+    and a Ray actor would take its CPU count). ``timeout_s``: how long a stage may wait for a
+    message or go without progress before the run stops naming it. ``dist_backend``: the
+    torch.distributed backend of the activation/gradient channels (``auto``: nccl when every
+    stage has a GPU of its own, else gloo). ``device``: where stages live (``auto``: stage s on
+    ``cuda:(local rank % GPUs)`` when CUDA is available, else the CPU).
+    """
+
+    threads: int = 1
+    timeout_s: float = 60.0
+    dist_backend: Literal["auto", "gloo", "nccl"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self) -> None:
+        _positive("threads", self.threads, integer=True)
+        _positive("timeout_s", self.timeout_s)
+        if self.dist_backend not in ("auto", "gloo", "nccl"):
+            raise ConfigError(
+                f"dist_backend: {self.dist_backend!r} is not allowed; use one of 'auto', "
+                "'gloo', 'nccl'"
+            )
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(
+                f"device: {self.device!r} is not allowed; use one of 'auto', 'cpu', 'cuda'"
+            )
+
+
+@dataclass(frozen=True)
+class DeviceTime:
+    """Emulated accelerator time: with ``cycle_s`` set, every action lasts at least its
+    cost in cycles × ``cycle_s`` seconds of wall-clock time (the host waits out the rest), and
+    a message in flight takes the cost model's latency × ``cycle_s``. A small machine then
+    shows the timing of real accelerators; actions whose host compute takes longer are
+    counted as overruns."""
+
+    cycle_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.cycle_s is not None:
+            _positive("cycle_s", self.cycle_s)
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """The Ray backend: ``address`` of a running cluster to join (``None``: start a local Ray
+    on 127.0.0.1 with no dashboard and no usage reporting); resources per stage actor
+    (fractions allowed)."""
+
+    address: str | None = None
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.address is not None and (not isinstance(self.address, str) or not self.address):
+            raise ConfigError(f"address: must be a cluster address string, got {self.address!r}")
+        _positive("num_cpus", self.num_cpus, allow_zero=True)
+        _positive("num_gpus", self.num_gpus, allow_zero=True)
