@@ -156,10 +156,19 @@ class Interpreter:
             time.sleep(left)
         return self.clock()
 
-    def run(self) -> None:
-        """Execute the whole list (multi-process backends: receives block)."""
+    def run(
+        self,
+        on_action: Callable[[Action], None] | None = None,
+        before: Callable[[int], None] | None = None,
+    ) -> None:
+        """Execute the whole list (multi-process backends: receives block). ``before`` is
+        called with each action's index before it runs, ``on_action`` after."""
         while not self.done:
-            self.step()
+            if before is not None:
+                before(self.position)
+            action = self.step()
+            if on_action is not None:
+                on_action(action)
 
 
 def run_local(

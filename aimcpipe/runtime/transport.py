@@ -5,15 +5,17 @@ message an action needs from the schedule (``aimcpipe.scheduler.received_message
 transports know nothing of policies. Kinds:
 
 * ``activation`` (F output, stage s → s+1) and ``gradient`` (B output, s → s−1);
-* ``input`` (central scheduler → stage 0) and ``target`` (central scheduler → last stage);
-* ``stats`` (last stage → central scheduler: the micro-batch's loss and correct count).
+* ``eval`` (an evaluation chunk's output, stage s → s+1);
+* ``input`` and ``target`` (a micro-batch's data for stage 0 and the last stage; read from
+  the stage's own feed, or served by a transport's ``feed`` in hand-built set-ups).
 
-The central scheduler's address is :data:`DRIVER` (−1).
+Data has the source address :data:`DRIVER` (−1). The multi-process transport is
+:class:`aimcpipe.runtime.channels.Channels`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import torch
@@ -38,6 +40,15 @@ class Transport(Protocol):
 
     def recv(self, key: Key, timeout: float) -> Any:
         """The payload of ``key``; raises :class:`StageFailure` after ``timeout`` seconds."""
+        ...
+
+    def begin(self, expect: Mapping[int, int], latency_s: float = 0.0) -> None:
+        """A phase (an epoch, an evaluation pass) starts in which ``expect[src]`` messages
+        come from each stage ``src``; messages spend ``latency_s`` in flight."""
+        ...
+
+    def end(self) -> None:
+        """The phase is over: everything sent was delivered, everything expected taken."""
         ...
 
 
@@ -82,7 +93,9 @@ class LocalTransport:
             f"stage {key[2]} never arrived"
         )
 
-    def take_all(self, kind: str, dst: int) -> dict[int, Any]:
-        """Remove and return every waiting message of ``kind`` for ``dst``, by micro-batch."""
-        keys = [k for k in self._box if k[0] == kind and k[3] == dst]
-        return {k[1]: self._box.pop(k) for k in keys}
+    def begin(self, expect: Mapping[int, int], latency_s: float = 0.0) -> None:
+        """In one process messages arrive as they are sent: nothing to prepare."""
+
+    def end(self) -> None:
+        if self._box:
+            raise StageFailure(f"{len(self._box)} message(s) were sent but never received")

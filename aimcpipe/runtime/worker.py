@@ -81,6 +81,7 @@ class StageWorker:
         self.data: dict[str, StageData] = {}
         self.current: Interpreter | None = None  # the epoch being run (for progress reports)
         self.epoch: int | None = None
+        self._eval: tuple[int, int] | None = None  # (chunk, chunks) of a running evaluation
 
     # -- data --------------------------------------------------------------------------------
     def put_data(self, key: str, x: torch.Tensor | None, y: torch.Tensor | None) -> None:
@@ -144,11 +145,20 @@ class StageWorker:
             overrun_s=it.overrun_s,
         )
 
-    def run_epoch(self, plan: EpochPlan, transport: Transport) -> StageReport:
+    def run_epoch(
+        self,
+        plan: EpochPlan,
+        transport: Transport,
+        on_action: Callable[[Action], None] | None = None,
+        before: Callable[[int], None] | None = None,
+    ) -> StageReport:
         """Run this stage's whole list for ``plan`` (receives block, with the plan's timeout)."""
         it = self.interpreter(plan, transport)
         sent = _bytes_sent(transport, self.index)
-        it.run()
+        latency = plan.costs.latency * plan.cycle_s if plan.cycle_s else 0.0
+        transport.begin(self.expected_messages(plan), latency)
+        it.run(on_action, before)
+        transport.end()
         return self.report(it, _bytes_sent(transport, self.index) - sent)
 
     def expected_messages(self, plan: EpochPlan) -> dict[int, int]:
@@ -173,6 +183,7 @@ class StageWorker:
         result = EvalResult()
         with self.stage.evaluation(plan.stream):
             for i in range(plan.chunks):
+                self._eval = (i, plan.chunks)
                 lo, hi = i * plan.chunk, min((i + 1) * plan.chunk, plan.size)
                 if s == 0:
                     assert data is not None and data.x is not None
@@ -191,10 +202,14 @@ class StageWorker:
                     result.correct += int((y.argmax(dim=1) == t).sum())
                 result.count += len(t)
                 yield None
+        self._eval = None
         yield result if s == self.num_stages - 1 else None
 
     def evaluate(self, plan: EvalPlan, transport: Transport) -> EvalResult | None:
-        return list(self.evaluate_steps(plan, transport))[-1]
+        transport.begin(self.eval_messages(plan))
+        result = list(self.evaluate_steps(plan, transport))[-1]
+        transport.end()
+        return result
 
     def eval_messages(self, plan: EvalPlan) -> dict[int, int]:
         return {self.index - 1: plan.chunks} if self.index > 0 else {}
@@ -210,13 +225,22 @@ class StageWorker:
     def model_state(self) -> dict[str, Any]:
         return _to_cpu(self.stage.model_state())
 
-    def progress(self) -> tuple[int | None, int, int, str | None]:
-        """(epoch, actions done, actions in the epoch, the action it is at)."""
+    def progress(self) -> dict[str, Any]:
+        """Where the stage is: ``epoch``, actions ``done`` of ``total`` and the action it is
+        ``at`` (running or waiting for its messages); in an evaluation, the chunk."""
+        if self._eval is not None:
+            i, chunks = self._eval
+            return {"epoch": None, "done": i, "total": chunks, "at": f"evaluation chunk {i}"}
         it = self.current
         if it is None:
-            return (self.epoch, 0, 0, None)
+            return {"epoch": self.epoch, "done": 0, "total": 0, "at": None}
         nxt = it.next_action
-        return (self.epoch, it.position, len(it.actions), None if nxt is None else str(nxt))
+        return {
+            "epoch": self.epoch,
+            "done": it.position,
+            "total": len(it.actions),
+            "at": None if nxt is None else str(nxt),
+        }
 
 
 def _bytes_sent(transport: Transport, stage: int) -> int:

@@ -1,0 +1,296 @@
+"""What the torch and Ray backends share: the scheduler's side of stages that live elsewhere.
+
+The scheduler holds one :class:`Handle` per stage (a torch rank, a Ray actor, or the stage
+beside it on torch rank 0), submits the same command to every stage at once, and gathers the
+answers (:meth:`RemoteBackend._call_all`) — a handful of calls per epoch, never one per action.
+
+Failures end the run within about ``runtime.timeout_s`` and are reported as one line naming
+where they started, not the timeouts they caused (torchgpipe's habit): a stage whose process
+died beats a stage that raised, which beats the stages that timed out waiting for them; a
+stage that others waited for and that reported nothing itself made no progress. Each stage's
+last published progress says which action it was at. Then every stage is stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from abc import ABC, abstractmethod
+from bisect import bisect_right
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from aimcpipe.errors import StageFailure
+from aimcpipe.runtime.backends.base import Backend, Progress
+from aimcpipe.runtime.clock import estimate_offset, same_clock
+from aimcpipe.runtime.host import process_info
+from aimcpipe.runtime.plan import EpochPlan, EvalPlan, EvalResult, StageReport, StageSpec
+from aimcpipe.runtime.rendezvous import Store
+from aimcpipe.runtime.worker import data_for_stage
+from aimcpipe.scheduler import BACKWARD
+
+__all__ = ["Call", "Handle", "RemoteBackend", "diagnose"]
+
+log = logging.getLogger(__name__)
+
+Answer = tuple[str, Any]  # ("ok", value) or ("error", info)
+
+
+class Call(Protocol):
+    def poll(self) -> tuple[bool, Answer | None]:
+        """``(True, answer)`` once the command has finished, else ``(False, None)``."""
+        ...
+
+
+class Handle(ABC):
+    """The scheduler's view of one stage host."""
+
+    stage: int
+    info: dict[str, Any]
+
+    @abstractmethod
+    def submit(self, method: str, *args: Any) -> Call: ...
+
+    @abstractmethod
+    def progress(self) -> dict[str, Any] | None:
+        """The host's last published progress (see :meth:`StageHost.progress`)."""
+
+    def death(self) -> str | None:
+        """How the host's process ended (``"was killed by SIGKILL"``), if it did."""
+        return None
+
+    @abstractmethod
+    def kill(self) -> None:
+        """Stop the host at once (idempotent)."""
+
+
+def store_progress(store: Store, key: str) -> dict[str, Any] | None:
+    try:
+        if not store.check([key]):
+            return None
+        return dict(json.loads(store.get(key)))
+    except Exception:
+        return None
+
+
+def _where(progress: dict[str, Any] | None) -> str:
+    if not progress or not progress.get("at"):
+        return ""
+    text = f" at its action {progress['at']}"
+    if progress.get("total"):
+        text += f" (action {progress['done'] + 1} of {progress['total']}"
+        if progress.get("epoch") is not None:
+            text += f" of epoch {progress['epoch'] + 1}"
+        text += ")"
+    return text
+
+
+def diagnose(
+    failures: dict[int, dict[str, Any]],
+    progress: dict[int, dict[str, Any] | None],
+    timeout_s: float,
+) -> str:
+    """One line naming where a failure started (see the module docstring)."""
+    by_kind: dict[str, list[int]] = {}
+    for s in sorted(failures, key=lambda s: (failures[s].get("at", 0.0), s)):
+        by_kind.setdefault(failures[s]["kind"], []).append(s)
+    if "died" in by_kind:
+        s = by_kind["died"][0]
+        return f"stage {s} {failures[s]['message']}{_where(progress.get(s))}"
+    if "error" in by_kind:
+        return str(failures[by_kind["error"][0]]["message"])
+    for kind, says in (("lost", "was lost (its process died or its connection broke)"),
+                       ("timeout", f"made no progress for {timeout_s:g} s")):  # fmt: skip
+        for s in by_kind.get(kind, []):
+            peer = failures[s].get("peer")
+            if peer is not None and failures.get(peer, {}).get("kind") not in ("lost", "timeout"):
+                return f"stage {peer} {says}{_where(progress.get(peer))}"
+    if "stalled" in by_kind:
+        s = by_kind["stalled"][0]
+        return f"stage {s} made no progress for {timeout_s:g} s{_where(progress.get(s))}"
+    first = min(failures, key=lambda s: failures[s].get("at", 0.0))
+    return str(failures[first]["message"])
+
+
+class RemoteBackend(Backend):
+    """A backend whose stages are :class:`Handle`\\ s; subclasses start them."""
+
+    handles: list[Handle]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.handles = []
+        self.offsets: list[float] = []
+        self.offset_errors: list[float] = []
+        self._broken: str | None = None
+
+    # -- subclass duties ------------------------------------------------------------------
+    @abstractmethod
+    def _launch(self, num_stages: int) -> None:
+        """Start ``num_stages`` stage hosts and set :attr:`handles` (in stage order)."""
+
+    def _stop(self) -> None:
+        """Release what :meth:`_launch` acquired besides the handles (stores, clusters)."""
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self, specs: list[StageSpec]) -> None:
+        if self._broken is not None:
+            raise StageFailure(f"this {self.name} backend was stopped after: {self._broken}")
+        if self.handles and len(self.handles) != len(specs):
+            self.close()
+        if not self.handles:
+            self._launch(len(specs))
+            self.num_stages = len(specs)
+            self._measure_offsets()
+        self._call_all("setup", [(spec,) for spec in specs])
+
+    def _measure_offsets(self) -> None:
+        here = process_info()
+        self.offsets, self.offset_errors = [], []
+        for h in self.handles:
+            if same_clock(h.info, here):
+                offset, error = 0.0, 0.0
+            else:
+                offset, error = estimate_offset(lambda h=h: float(self._call_one(h, "clock")))
+            self.offsets.append(offset)
+            self.offset_errors.append(error)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.kill()
+        self.handles = []
+        self._stop()
+
+    def _abort(self, reason: str) -> None:
+        self._broken = reason
+        self.close()
+
+    # -- commands -------------------------------------------------------------------------
+    def put_data(self, key: str, x: Any, y: Any) -> None:
+        n = len(self.handles)
+        self._call_all("put_data", [(key, *data_for_stage(s, n, x, y)) for s in range(n)])
+
+    def run_epoch(self, plan: EpochPlan, progress: Progress | None = None) -> list[StageReport]:
+        n = len(self.handles)
+        watch = None
+        if progress is not None:
+            acts = plan.schedule().stages[0]
+            finished = [i + 1 for i, a in enumerate(acts) if a.kind == BACKWARD]
+
+            def watch(p: dict[str, Any]) -> None:
+                if p.get("epoch") == plan.epoch:
+                    progress(bisect_right(finished, int(p.get("done", 0))))
+
+        reports = self._call_all(
+            "run_epoch", [(plan.for_stage(s),) for s in range(n)], epoch=True, watch=watch
+        )
+        for report, offset in zip(reports, self.offsets, strict=True):
+            report.shift(-offset)
+        return list(reports)
+
+    def evaluate(self, plan: EvalPlan) -> EvalResult:
+        results = self._call_all("evaluate", [(plan,)] * len(self.handles), epoch=True)
+        return results[-1]
+
+    def state_dicts(self) -> list[dict[str, Any]]:
+        return list(self._call_all("state_dict", [()] * len(self.handles)))
+
+    def load_state_dicts(self, states: list[dict[str, Any]]) -> None:
+        self._call_all("load_state_dict", [(st,) for st in states])
+
+    def model_states(self) -> list[dict[str, Any]]:
+        return list(self._call_all("model_state", [()] * len(self.handles)))
+
+    def _call_one(self, handle: Handle, method: str, *args: Any) -> Any:
+        call = handle.submit(method, *args)
+        deadline = time.monotonic() + self.options.timeout_s
+        while time.monotonic() < deadline:
+            done, answer = call.poll()
+            if done:
+                assert answer is not None
+                if answer[0] != "ok":
+                    self._abort(answer[1]["message"])
+                    raise StageFailure(answer[1]["message"])
+                return answer[1]
+            time.sleep(0.0005)
+        self._abort(f"stage {handle.stage} did not answer {method}")
+        raise StageFailure(
+            f"stage {handle.stage} did not answer {method} within {self.options.timeout_s:g} s"
+        )
+
+    def _call_all(
+        self,
+        method: str,
+        args: Sequence[tuple[Any, ...]],
+        *,
+        epoch: bool = False,
+        watch: Any = None,
+    ) -> list[Any]:
+        """Run ``method`` on every stage at once; their values in stage order. A failure
+        anywhere stops every stage and raises one :class:`StageFailure` naming its origin.
+        ``epoch`` commands may run long: they fail only when a stage stops making progress
+        for ``timeout_s``; others must answer within ``timeout_s``."""
+        if self._broken is not None:
+            raise StageFailure(f"this {self.name} backend was stopped after: {self._broken}")
+        try:
+            return self._gather(method, args, epoch=epoch, watch=watch)
+        except StageFailure as exc:
+            self._abort(str(exc))
+            raise
+        except BaseException:  # Ctrl-C and the like: nothing may be left running
+            self._abort(f"{method} was interrupted")
+            raise
+
+    def _gather(
+        self, method: str, args: Sequence[tuple[Any, ...]], *, epoch: bool, watch: Any
+    ) -> list[Any]:
+        timeout = self.options.timeout_s
+        grace = min(2.0, 0.25 * timeout)
+        calls = {h.stage: h.submit(method, *a) for h, a in zip(self.handles, args, strict=True)}
+        values: dict[int, Any] = {}
+        failures: dict[int, dict[str, Any]] = {}
+        seen: dict[int, tuple[Any, float]] = {}
+        started = time.monotonic()
+        first_failure = None
+        next_look = 0.0
+        nap = 0.0005
+        while True:
+            now = time.monotonic()
+            for s, call in list(calls.items()):
+                done, answer = call.poll()
+                if not done:
+                    continue
+                del calls[s]
+                assert answer is not None
+                if answer[0] == "ok":
+                    values[s] = answer[1]
+                else:
+                    failures[s] = {**answer[1], "at": now}
+            if not calls and not failures:
+                return [values[s] for s in range(len(self.handles))]
+            if now >= next_look:  # deaths, progress and stalls: a few times a second
+                next_look = now + 0.2
+                for s in calls:
+                    died = self.handles[s].death()
+                    if died is not None and s not in failures:
+                        failures[s] = {"kind": "died", "message": died, "peer": None, "at": now}
+                for h in self.handles:
+                    p = h.progress() if epoch else None
+                    key = json.dumps(p, sort_keys=True)
+                    if h.stage not in seen or seen[h.stage][0] != key:
+                        seen[h.stage] = (key, now)
+                        if watch is not None and h.stage == 0 and p:
+                            watch(p)
+                for s in calls:
+                    quiet = now - (seen[s][1] if epoch else started)
+                    if quiet > timeout + grace and s not in failures:
+                        failures[s] = {"kind": "stalled", "message": "", "peer": None, "at": now}
+            if failures:
+                first_failure = first_failure or now
+                waiting_on = [s for s in calls if s not in failures]
+                if not waiting_on or now - first_failure > grace:
+                    progress = {h.stage: h.progress() for h in self.handles}
+                    raise StageFailure(diagnose(failures, progress, timeout))
+            time.sleep(nap)
+            nap = min(nap * 1.5, 0.02)

@@ -1,0 +1,460 @@
+"""The torch backend: one process per stage, activations and gradients over torch.distributed.
+
+World layout: world size = number of stages; rank s hosts stage s; rank 0 also hosts the
+central scheduler (in its main thread; stage 0 runs beside it in a thread of its own) and
+alone writes the run directory. Two ways to get the processes:
+
+* **embedded** (``aimcpipe train CONFIG --backend torch``, or ``Pipeline(backend="torch")``):
+  this process is rank 0; it starts a store on 127.0.0.1, spawns ranks 1..S−1 as
+  ``python -m aimcpipe.runtime.backends.torch_dist`` and watches them (a rank that dies is
+  reported by stage and how it ended; the ranks exit when this process does);
+* **torchrun** (one node or several): ``aimcpipe train`` notices torchrun's environment;
+  rank 0 runs the job, the other ranks call :func:`serve` and do what rank 0 says.
+
+The control plane is the rendezvous store: rank 0 writes each command under
+``cmd/<rank>/<n>`` and the rank answers under ``res/<rank>/<n>`` (see
+:mod:`aimcpipe.runtime.rendezvous`). The data plane is :class:`~aimcpipe.runtime.channels.Channels`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from aimcpipe.errors import ConfigError, StageFailure
+from aimcpipe.runtime.backends.remote import Answer, Handle, RemoteBackend, store_progress
+from aimcpipe.runtime.faults import fault_from_env
+from aimcpipe.runtime.host import HostSettings, StageHost, error_info, process_info
+from aimcpipe.runtime.rendezvous import (
+    address_towards,
+    connect_store,
+    host_store,
+    put_obj,
+    take_obj,
+    try_take_obj,
+)
+
+__all__ = ["TorchBackend", "World", "decide_dist_backend", "serve", "serve_from_env"]
+
+log = logging.getLogger(__name__)
+
+SPAWNED = "AIMCPIPE_SPAWNED"  # set in the environment of ranks this module spawned
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in a torchrun (or spawned) world, read from the environment
+    torchrun sets: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``,
+    ``MASTER_ADDR``, ``MASTER_PORT``."""
+
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    master_addr: str
+    master_port: int
+    agent_store: bool  # torchrun's agent hosts the store; every rank is a client
+    prefix: str
+
+    @classmethod
+    def from_env(cls) -> World | None:
+        env = os.environ
+        if not all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+            return None
+        try:
+            rank, size = int(env["RANK"]), int(env["WORLD_SIZE"])
+            port = int(env["MASTER_PORT"])
+        except ValueError:
+            raise ConfigError(
+                "RANK/WORLD_SIZE/MASTER_PORT: torchrun's environment variables are not integers"
+            ) from None
+        run = env.get("TORCHELASTIC_RUN_ID", "run")
+        restart = env.get("TORCHELASTIC_RESTART_COUNT", "0")
+        return cls(
+            rank=rank,
+            size=size,
+            local_rank=int(env.get("LOCAL_RANK", rank)),
+            local_size=int(env.get("LOCAL_WORLD_SIZE", size)),
+            master_addr=env["MASTER_ADDR"],
+            master_port=port,
+            agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true",
+            prefix=env.get("AIMCPIPE_PREFIX", f"aimcpipe/{run}/{restart}"),
+        )
+
+    def store(self, timeout_s: float) -> dist.Store:
+        """The world's store: torchrun's agent store, or one rank 0 hosts at MASTER_ADDR."""
+        if self.rank == 0 and not self.agent_store:
+            store, _ = host_store(self.master_addr, timeout_s, port=self.master_port)
+            return store
+        return connect_store(self.master_addr, self.master_port, timeout_s)
+
+
+def decide_dist_backend(option: str, device: str, infos: list[dict[str, Any]]) -> str:
+    """gloo or nccl for every channel: nccl only when every stage has a GPU of its own."""
+    own_gpu = device != "cpu" and all(
+        i["cuda"] > 0 and i["local_world_size"] <= i["cuda"] for i in infos
+    )
+    if option == "nccl" and not own_gpu:
+        raise ConfigError(
+            "runtime.dist_backend: nccl needs a GPU of its own for every stage "
+            f"(GPUs per stage process: {[i['cuda'] for i in infos]}); use gloo or auto"
+        )
+    if option == "auto":
+        return "nccl" if own_gpu else "gloo"
+    return option
+
+
+# -- the scheduler's side ------------------------------------------------------------------
+
+
+class _FutureCall:
+    def __init__(self, future: concurrent.futures.Future[Answer]) -> None:
+        self.future = future
+
+    def poll(self) -> tuple[bool, Answer | None]:
+        return (True, self.future.result()) if self.future.done() else (False, None)
+
+
+class InlineHandle(Handle):
+    """Stage 0 beside the scheduler on rank 0, run in a thread of its own so the scheduler's
+    thread stays free to watch every stage."""
+
+    def __init__(self, store: dist.Store, address: str) -> None:
+        self.stage = 0
+        self.info = process_info()
+        self.store = store
+        self.address = address
+        self.host: StageHost | None = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stage 0")
+
+    def _run(self, method: str, args: tuple[Any, ...]) -> Answer:
+        if method == "init":
+            try:
+                self.host = StageHost(self.store, args[0], self.address)
+                return ("ok", None)
+            except Exception as exc:
+                return ("error", error_info(exc, 0))
+        assert self.host is not None
+        return self.host.handle(method, args)
+
+    def submit(self, method: str, *args: Any) -> _FutureCall:
+        return _FutureCall(self._pool.submit(self._run, method, args))
+
+    def progress(self) -> dict[str, Any] | None:
+        return self.host.progress() if self.host is not None else None
+
+    def kill(self) -> None:
+        if self.host is not None:
+            self.host.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _StoreCall:
+    def __init__(self, store: dist.Store, key: str) -> None:
+        self.store = store
+        self.key = key
+
+    def poll(self) -> tuple[bool, Answer | None]:
+        return try_take_obj(self.store, self.key)
+
+
+class RankHandle(Handle):
+    """A stage in another process, driven through the store; ``process`` when we spawned it."""
+
+    def __init__(
+        self,
+        store: dist.Store,
+        prefix: str,
+        stage: int,
+        info: dict[str, Any],
+        process: subprocess.Popen[bytes] | None = None,
+        log_path: Path | None = None,
+    ) -> None:
+        self.store = store
+        self.prefix = prefix
+        self.stage = stage
+        self.info = info
+        self.process = process
+        self.log_path = log_path
+        self._seq = 0
+        self._stopped = False
+
+    def submit(self, method: str, *args: Any) -> _StoreCall:
+        seq = self._seq
+        self._seq += 1
+        put_obj(self.store, f"{self.prefix}/cmd/{self.stage}/{seq}", (method, args))
+        return _StoreCall(self.store, f"{self.prefix}/res/{self.stage}/{seq}")
+
+    def progress(self) -> dict[str, Any] | None:
+        return store_progress(self.store, f"{self.prefix}/hb/{self.stage}")
+
+    def death(self) -> str | None:
+        if self.process is None or self.process.poll() is None:
+            return None
+        return _describe_exit(self.process.returncode, self.log_path)
+
+    def kill(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.process is None:  # a torchrun rank: ask it to leave (torchrun does the rest)
+            with contextlib.suppress(Exception):
+                self.submit("stop")
+            return
+        if self.process.poll() is None:
+            with contextlib.suppress(Exception):
+                self.submit("stop")
+            try:
+                self.process.wait(timeout=2.0)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10.0)
+
+
+def _describe_exit(code: int, log_path: Path | None) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        text = f"was killed by {name}"
+    else:
+        text = f"exited with status {code}"
+    if log_path is not None and log_path.is_file():
+        lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+        if lines:
+            text += f" ({lines[-1].strip()[:300]})"
+    return text
+
+
+class TorchBackend(RemoteBackend):
+    """One process per stage over torch.distributed (see the module docstring)."""
+
+    name = "torch"
+
+    def _launch(self, num_stages: int) -> None:
+        options = self.options
+        world = World.from_env()
+        self._logs: Path | None = None
+        self._server: dist.Store | None = None
+        processes: list[subprocess.Popen[bytes] | None] = [None] * num_stages
+        if world is not None and not os.environ.get(SPAWNED):
+            if world.rank != 0:
+                raise ConfigError("the torch backend's scheduler runs on rank 0 only")
+            if world.size != num_stages:
+                raise ConfigError(
+                    f"pipeline.stages: torchrun started {world.size} processes "
+                    f"(WORLD_SIZE={world.size}) but the model is cut into {num_stages} "
+                    f"stage(s); start torchrun with --nproc-per-node/--nnodes making "
+                    f"{num_stages} processes in all, or set pipeline.stages: {world.size}"
+                )
+            store = world.store(options.timeout_s)
+            prefix, master, port = world.prefix, world.master_addr, world.master_port
+            local = (world.local_rank, world.local_size)
+        else:
+            store, port = host_store("127.0.0.1", options.timeout_s)
+            self._server = store
+            prefix, master = f"aimcpipe/{uuid.uuid4().hex[:12]}", "127.0.0.1"
+            local = (0, num_stages)
+            self._logs = Path(tempfile.mkdtemp(prefix="aimcpipe-ranks-"))
+            for s in range(1, num_stages):
+                processes[s] = _spawn(s, num_stages, port, prefix, self._logs)
+            atexit.register(self.close)
+        self._store, self._prefix = store, prefix
+        try:
+            infos = [process_info(*local)] + [
+                self._info(s, processes[s]) for s in range(1, num_stages)
+            ]
+            backend = decide_dist_backend(options.dist_backend, options.device, infos)
+            address = address_towards(master)
+            self.handles = [InlineHandle(connect_store(master, port, options.timeout_s), address)]
+            self.handles += [
+                RankHandle(
+                    store,
+                    prefix,
+                    s,
+                    infos[s],
+                    processes[s],
+                    self._logs / f"rank{s}.log" if self._logs else None,
+                )
+                for s in range(1, num_stages)
+            ]
+        except BaseException:
+            for p in processes:
+                if p is not None:
+                    p.kill()
+            self._stop()
+            raise
+        fault = fault_from_env()
+        settings = [
+            HostSettings(
+                stage=s,
+                num_stages=num_stages,
+                prefix=prefix,
+                dist_backend=backend,
+                device=options.device,
+                threads=options.threads,
+                timeout_s=options.timeout_s,
+                local_rank=infos[s]["local_rank"],
+                fault=fault,
+            )
+            for s in range(num_stages)
+        ]
+        self._call_all("init", [(st,) for st in settings])
+        log.debug("torch backend: %d ranks, channels over %s", num_stages, backend)
+
+    def _info(self, s: int, process: subprocess.Popen[bytes] | None) -> dict[str, Any]:
+        """Rank ``s``'s process info, as soon as it has connected."""
+        key = f"{self._prefix}/info/{s}"
+        deadline = time.monotonic() + self.options.timeout_s
+        while time.monotonic() < deadline:
+            found, info = try_take_obj(self._store, key)
+            if found:
+                return dict(info)
+            if process is not None and process.poll() is not None:
+                raise StageFailure(
+                    f"stage {s} could not start: it "
+                    + _describe_exit(
+                        process.returncode, self._logs / f"rank{s}.log" if self._logs else None
+                    )
+                )
+            time.sleep(0.01)
+        raise StageFailure(f"stage {s} (rank {s}) did not join within {self.options.timeout_s:g} s")
+
+    def _stop(self) -> None:
+        self._server = None
+        if getattr(self, "_logs", None) is not None:
+            shutil.rmtree(self._logs, ignore_errors=True)
+            self._logs = None
+        with contextlib.suppress(Exception):
+            atexit.unregister(self.close)
+
+
+def _spawn(rank: int, world: int, port: int, prefix: str, logs: Path) -> subprocess.Popen[bytes]:
+    """Start rank ``rank`` as ``python -m aimcpipe.runtime.backends.torch_dist``."""
+    env = dict(os.environ)
+    paths = [p for p in [os.getcwd(), *sys.path] if p and os.path.isdir(p)]
+    env.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        AIMCPIPE_PREFIX=prefix,
+        PYTHONPATH=os.pathsep.join(dict.fromkeys(paths)),
+        TORCH_CPP_LOG_LEVEL=os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR"),
+        OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+    )
+    env[SPAWNED] = str(os.getpid())
+    env.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+    with (logs / f"rank{rank}.log").open("wb") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "aimcpipe.runtime.backends.torch_dist"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+
+
+# -- the other ranks' side -------------------------------------------------------------------
+
+
+def _watch_parent(parent: int) -> None:
+    """A spawned rank ends when the process that spawned it is gone (even after SIGKILL)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent watch", daemon=True).start()
+
+
+def serve(world: World) -> int:
+    """Serve rank ``world.rank``: announce this process, then run rank 0's commands until
+    it says stop or goes away. Returns the exit status."""
+    timeout = 60.0
+    store = world.store(timeout)
+    beat = connect_store(world.master_addr, world.master_port, timeout)
+    prefix, rank = world.prefix, world.rank
+    put_obj(store, f"{prefix}/info/{rank}", process_info(world.local_rank, world.local_size))
+    host: StageHost | None = None
+    seq = 0
+    try:
+        while True:
+            key = f"{prefix}/cmd/{rank}/{seq}"
+            try:
+                method, args = take_obj(store, key, float("inf"))
+            except (StageFailure, dist.DistError, RuntimeError, ConnectionError, OSError):
+                return 1  # the scheduler is gone
+            except Exception as exc:  # could not rebuild what was sent (e.g. __main__ classes)
+                answer: Answer = ("error", error_info(_unpickling_error(exc, rank), rank))
+                method, args = "", ()
+            else:
+                if method == "stop":
+                    put_obj(store, f"{prefix}/res/{rank}/{seq}", ("ok", None))
+                    return 0
+                if method == "init":
+                    try:
+                        settings = replace(args[0], local_rank=world.local_rank)
+                        host = StageHost(
+                            store, settings, address_towards(world.master_addr), heartbeat=beat
+                        )
+                        answer = ("ok", None)
+                    except Exception as exc:
+                        answer = ("error", error_info(exc, rank))
+                elif host is None:
+                    answer = ("error", error_info(RuntimeError("not initialised"), rank))
+                else:
+                    answer = host.handle(method, args)
+            put_obj(store, f"{prefix}/res/{rank}/{seq}", answer)
+            seq += 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if host is not None:
+            host.close()
+
+
+def _unpickling_error(exc: Exception, rank: int) -> Exception:
+    text = f"{type(exc).__name__}: {exc}"
+    if "__main__" in text:
+        text += (
+            "; classes defined in the script being run (__main__) cannot be rebuilt in "
+            "stage processes: move the model into a module they can import"
+        )
+    return RuntimeError(f"stage {rank} cannot rebuild what the scheduler sent: {text}")
+
+
+def serve_from_env() -> int:
+    """Entry of a non-zero rank (spawned, or under torchrun)."""
+    world = World.from_env()
+    if world is None:
+        print("aimcpipe: no torch.distributed world in the environment", file=sys.stderr)
+        return 2
+    parent = os.environ.get(SPAWNED)
+    if parent:
+        _watch_parent(int(parent))
+    return serve(world)
+
+
+if __name__ == "__main__":
+    sys.exit(serve_from_env())

@@ -1,0 +1,37 @@
+"""Mapping the stages' clocks onto the scheduler's, for one merged trace.
+
+Every process times its actions with ``time.perf_counter``. On Linux that is the system-wide
+monotonic clock, so processes on one machine (the same boot: equal
+``/proc/sys/kernel/random/boot_id``) share it exactly and need no correction. For a stage on
+another machine the offset is estimated as NTP does: ask its clock between two readings of
+ours, take the round trip with the smallest delay, and assume the reply was read half-way;
+the error is at most half that round trip, which is recorded with the trace.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["estimate_offset", "same_clock"]
+
+
+def same_clock(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two processes (``process_info`` dicts) read the same monotonic clock."""
+    return bool(a.get("boot_id")) and a.get("boot_id") == b.get("boot_id")
+
+
+def estimate_offset(read_remote: Callable[[], float], rounds: int = 7) -> tuple[float, float]:
+    """``(offset, error)``: remote clock − local clock, and its bound (half the best round
+    trip), from ``rounds`` calls of ``read_remote``."""
+    best: tuple[float, float] | None = None
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        remote = read_remote()
+        t1 = time.perf_counter()
+        candidate = (remote - (t0 + t1) / 2, (t1 - t0) / 2)
+        if best is None or candidate[1] < best[1]:
+            best = candidate
+    assert best is not None
+    return best

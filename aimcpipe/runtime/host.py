@@ -1,0 +1,204 @@
+"""A stage host: one stage worker with its channels, as a process or actor of a
+multi-process backend runs it.
+
+The torch backend runs one per process (rank s hosts stage s; rank 0 hosts stage 0 beside
+the central scheduler), the Ray backend one per actor. The scheduler drives it with a few
+coarse commands per epoch (:data:`COMMANDS`), which return ``("ok", value)`` or
+``("error", info)``; a worker never decides anything that other stages must agree on.
+
+While it runs, a host publishes its progress (epoch, action index, the action it is at) in
+the store about four times a second, so the scheduler can show progress and, when a run
+fails, name where each stage stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aimcpipe.errors import AimcpipeError
+from aimcpipe.runtime.channels import Channels, PeerLost, PeerTimeout
+from aimcpipe.runtime.faults import Fault
+from aimcpipe.runtime.plan import EpochPlan, EvalPlan, EvalResult, StageReport, StageSpec
+from aimcpipe.runtime.rendezvous import Store
+from aimcpipe.runtime.worker import StageWorker, pick_device
+
+__all__ = ["COMMANDS", "HostSettings", "StageHost", "error_info", "process_info"]
+
+log = logging.getLogger(__name__)
+
+COMMANDS = (
+    "setup",
+    "put_data",
+    "drop_data",
+    "run_epoch",
+    "evaluate",
+    "state_dict",
+    "load_state_dict",
+    "model_state",
+    "clock",
+)
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def process_info(local_rank: int = 0, local_world_size: int = 1) -> dict[str, Any]:
+    """What the scheduler needs to know of a stage's process before it decides devices,
+    channel backend and clock offsets."""
+    return {
+        "hostname": socket.gethostname(),
+        "boot_id": _boot_id(),
+        "pid": os.getpid(),
+        "cuda": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        "local_rank": local_rank,
+        "local_world_size": local_world_size,
+    }
+
+
+@dataclass(frozen=True)
+class HostSettings:
+    """Decided by the scheduler and sent to every stage host at start-up."""
+
+    stage: int
+    num_stages: int
+    prefix: str
+    dist_backend: str  # gloo or nccl (decided for all stages alike)
+    device: str  # the runtime.device option
+    threads: int
+    timeout_s: float
+    local_rank: int = 0
+    fault: Fault | None = None
+
+
+def error_info(exc: BaseException, stage: int) -> dict[str, Any]:
+    """A failure as plain data for the scheduler: ``kind`` (``lost``: a neighbour's
+    connection broke; ``timeout``: a neighbour sent nothing in time; ``error``: this stage
+    raised), the ``peer`` it blames, and a one-line ``message``."""
+    if isinstance(exc, PeerLost | PeerTimeout):
+        kind = "lost" if isinstance(exc, PeerLost) else "timeout"
+        return {"kind": kind, "peer": exc.peer, "stage": stage, "message": str(exc)}
+    message = str(exc) if isinstance(exc, AimcpipeError) else f"{type(exc).__name__}: {exc}"
+    if not message.startswith(f"stage {stage}"):
+        message = f"stage {stage}: {message}"
+    info = {"kind": "error", "peer": None, "stage": stage, "message": message.replace("\n", " ")}
+    if not isinstance(exc, AimcpipeError):
+        info["traceback"] = "".join(traceback.format_exception(exc))
+    return info
+
+
+class StageHost:
+    """Hosts stage ``settings.stage``: builds its channels to the neighbours through
+    ``store`` (binding to ``address``), then serves :data:`COMMANDS`."""
+
+    def __init__(
+        self,
+        store: Store,
+        settings: HostSettings,
+        address: str,
+        heartbeat: Store | None = None,
+    ) -> None:
+        self.settings = settings
+        self.stage = settings.stage
+        torch.set_num_threads(settings.threads)
+        self.device = pick_device(settings.device, settings.local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.channels = Channels(
+            store,
+            settings.stage,
+            settings.num_stages,
+            prefix=f"{settings.prefix}/ch",
+            backend=settings.dist_backend,
+            host=address,
+            device=self.device,
+            timeout_s=settings.timeout_s,
+        )
+        self.worker: StageWorker | None = None
+        self._beat_stop = threading.Event()
+        self._beat: threading.Thread | None = None
+        if heartbeat is not None:
+            self._beat = threading.Thread(
+                target=self._publish, args=(heartbeat,), name="heartbeat", daemon=True
+            )
+            self._beat.start()
+
+    # -- commands ----------------------------------------------------------------------------
+    def handle(self, method: str, args: tuple[Any, ...]) -> tuple[str, Any]:
+        """Run one command; ``("ok", value)`` or ``("error", info)``, never an exception."""
+        if method not in COMMANDS:
+            return ("error", error_info(ValueError(f"unknown command {method!r}"), self.stage))
+        try:
+            return ("ok", getattr(self, method)(*args))
+        except Exception as exc:
+            return ("error", error_info(exc, self.stage))
+
+    def setup(self, spec: StageSpec) -> None:
+        self.worker = StageWorker(spec, self.device)
+
+    def _worker(self) -> StageWorker:
+        if self.worker is None:
+            raise RuntimeError("no stage set up")
+        return self.worker
+
+    def put_data(self, key: str, x: torch.Tensor | None, y: torch.Tensor | None) -> None:
+        self._worker().put_data(key, x, y)
+
+    def drop_data(self, key: str) -> None:
+        self._worker().drop_data(key)
+
+    def run_epoch(self, plan: EpochPlan) -> StageReport:
+        fault = self.settings.fault
+        before = fault.hook(self.stage, plan.epoch) if fault is not None else None
+        return self._worker().run_epoch(plan, self.channels, before=before)
+
+    def evaluate(self, plan: EvalPlan) -> EvalResult | None:
+        return self._worker().evaluate(plan, self.channels)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._worker().state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._worker().load_state_dict(state)
+
+    def model_state(self) -> dict[str, Any]:
+        return self._worker().model_state()
+
+    def clock(self) -> float:
+        return time.perf_counter()
+
+    def progress(self) -> dict[str, Any]:
+        if self.worker is None:
+            return {"epoch": None, "done": 0, "total": 0, "at": None}
+        return self.worker.progress()
+
+    # -- heartbeat ---------------------------------------------------------------------------
+    def _publish(self, store: Store) -> None:
+        key = f"{self.settings.prefix}/hb/{self.stage}"
+        last = None
+        while not self._beat_stop.wait(0.25):
+            now = json.dumps(self.progress())
+            if now != last:
+                try:
+                    store.set(key, now)
+                except Exception:  # the scheduler is gone; the host will be stopped
+                    return
+                last = now
+
+    def close(self) -> None:
+        self._beat_stop.set()
+        self.channels.close()
