@@ -30,6 +30,7 @@ from aimcpipe.launch.train_config import (
     load_config,
     parse_overrides,
 )
+from aimcpipe.runtime.backends.torch_dist import World
 from aimcpipe.runtime.checkpoint import CHECKPOINT_NAME
 from aimcpipe.runtime.datasets import Dataset, load_dataset
 from aimcpipe.runtime.metrics import RunMetrics
@@ -42,8 +43,19 @@ __all__ = ["build_job", "plan", "resolve_config", "train"]
 
 log = logging.getLogger(__name__)
 
-# what may change when a run is resumed: nothing that would change its numbers so far
-RESUMABLE_KEYS = {"epochs", "checkpoint_every"}
+# what may change when a run is resumed: nothing that would change its numbers so far (where
+# and how fast the stages run does not; threads and devices change float rounding)
+RESUMABLE_KEYS = {
+    "epochs",
+    "checkpoint_every",
+    "pipeline.backend",
+    "runtime.timeout_s",
+    "runtime.dist_backend",
+    "device_time.cycle_s",
+    "ray.address",
+    "ray.num_cpus",
+    "ray.num_gpus",
+}
 
 
 def resolve_config(
@@ -161,6 +173,10 @@ def _pipeline(
         out=out,
         checkpoint_every=cfg.checkpoint_every,
         progress=progress,
+        backend=p.backend,
+        runtime=cfg.runtime,
+        cycle_s=cfg.device_time.cycle_s,
+        ray=cfg.ray,
         settings=cfg.to_dict(),
     )
 
@@ -202,6 +218,12 @@ def train(
     """Run a training job; returns its metrics. ``resume`` continues the run directory of an
     interrupted (or shorter) run; ``out`` must then be omitted or the same directory."""
     cfg = resolve_config(config, overrides, resume)
+    world = World.from_env()
+    if world is not None and world.size > 1 and cfg.pipeline.backend != "torch":
+        raise ConfigError(
+            f"pipeline.backend: running under torchrun (WORLD_SIZE={world.size}) needs the "
+            f"torch backend, not {cfg.pipeline.backend}; add --backend torch"
+        )
     if resume is not None:
         run_dir = Path(resume)
         if out is not None and Path(out).resolve() != run_dir.resolve():
@@ -218,4 +240,5 @@ def train(
     elif run_dir is not None and run_dir.exists():
         shutil.rmtree(run_dir)  # --force: a fresh run must not inherit an old checkpoint
     pipe.out = run_dir
-    return pipe.fit(train_data, test_data, cfg.epochs)
+    with pipe:
+        return pipe.fit(train_data, test_data, cfg.epochs)

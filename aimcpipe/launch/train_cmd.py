@@ -14,7 +14,9 @@ from pathlib import Path
 
 from aimcpipe.errors import ConfigError
 from aimcpipe.launch.train import plan, train
+from aimcpipe.runtime.backends.torch_dist import World, release_world, serve
 from aimcpipe.runtime.checkpoint import CHECKPOINT_NAME
+from aimcpipe.runtime.options import BACKENDS
 from aimcpipe.scheduler import POLICIES
 
 __all__ = ["add_arguments", "run"]
@@ -25,6 +27,8 @@ EXAMPLES = """examples:
   aimcpipe train configs/digits-analog.yaml --policy sync-1f1b --stages 2 --dry-run
   aimcpipe train configs/lsq.yaml --set analog.rule=tiki-taka --set optim.lr=1e-2
   aimcpipe train --resume runs/digits --set epochs=30
+  aimcpipe train configs/digits-analog.yaml --backend torch --cycle-s 0.01
+  torchrun --nproc-per-node 4 -m aimcpipe train configs/digits-analog.yaml --backend torch
 """
 
 
@@ -41,7 +45,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="override a config value by key path, e.g. --set pipeline.microbatches=8 "
         "(repeatable; values are YAML)",
     )
-    p.add_argument("--backend", choices=["local"], help="where stages run (pipeline.backend)")
+    p.add_argument(
+        "--backend",
+        choices=list(BACKENDS),
+        help="where stages run: local (one process), torch (one process per stage, or "
+        "torchrun's), ray (one actor per stage) (pipeline.backend)",
+    )
     p.add_argument(
         "--stages", type=int, metavar="N", help="number of pipeline stages (pipeline.stages)"
     )
@@ -51,6 +60,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="schedule policy (pipeline.policy)",
     )
     p.add_argument("--epochs", type=int, metavar="E", help="number of epochs (epochs)")
+    p.add_argument(
+        "--cycle-s",
+        type=float,
+        metavar="S",
+        help="emulated device time: seconds per cost-model cycle (device_time.cycle_s)",
+    )
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="join this Ray cluster instead of starting a local Ray (ray.address)",
+    )
     p.add_argument(
         "--out", type=Path, metavar="DIR", help="run directory (default: no files written)"
     )
@@ -69,12 +89,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    world = World.from_env()
+    if world is not None and world.rank != 0:
+        return serve(world)  # torchrun's other ranks do what rank 0 says
+    try:
+        return _run(args)
+    finally:
+        if world is not None:
+            release_world(world)
+
+
+def _run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     for flag, key in (
         ("backend", "pipeline.backend"),
         ("stages", "pipeline.stages"),
         ("policy", "pipeline.policy"),
         ("epochs", "epochs"),
+        ("cycle_s", "device_time.cycle_s"),
+        ("ray_address", "ray.address"),
     ):
         value = getattr(args, flag)
         if value is not None:

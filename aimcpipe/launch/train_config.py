@@ -20,6 +20,7 @@ from aimcpipe.analog.config import AnalogConfig
 from aimcpipe.dataconf import from_dict, to_dict
 from aimcpipe.errors import ConfigError
 from aimcpipe.runtime.lr import LRSchedule
+from aimcpipe.runtime.options import DeviceTime, RayOptions, RuntimeOptions
 from aimcpipe.scheduler import CostModel
 
 __all__ = [
@@ -78,11 +79,13 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """How the model is cut and scheduled. ``partition``: ``uniform``, ``params``, ``tiles``,
-    ``time``, a list of blocks per stage (``[2, 1, 1]``) or the names of the first block of
-    stages 1.. (``[fc3]``). A mini-batch is ``microbatches`` × ``microbatch_size`` samples."""
+    """How the model is cut and scheduled, and where the stages run. ``partition``:
+    ``uniform``, ``params``, ``tiles``, ``time``, a list of blocks per stage (``[2, 1, 1]``)
+    or the names of the first block of stages 1.. (``[fc3]``). A mini-batch is
+    ``microbatches`` × ``microbatch_size`` samples. ``backend``: ``local`` (every stage in
+    one process), ``torch`` (one process per stage) or ``ray`` (one actor per stage)."""
 
-    backend: Literal["local"] = "local"
+    backend: Literal["local", "torch", "ray"] = "local"
     policy: Literal["wop", "sync-1f1b", "async", "gpipe"] = "sync-1f1b"
     stages: int | None = None
     partition: str | list[int] | list[str] = "uniform"
@@ -136,7 +139,9 @@ class CostConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     """A whole training run. ``analog: null`` trains the torch model digitally (plain SGD);
-    otherwise every Linear/Conv2d becomes an analog layer with this AnalogConfig."""
+    otherwise every Linear/Conv2d becomes an analog layer with this AnalogConfig.
+    ``runtime``, ``device_time`` and ``ray`` say how the stages run (see
+    :mod:`aimcpipe.runtime.options`); only ``runtime.threads`` can change the numbers."""
 
     model: ModelConfig
     data: DataConfig = field(default_factory=DataConfig)
@@ -144,6 +149,9 @@ class TrainConfig:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     cost: CostConfig = field(default_factory=CostConfig)
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+    device_time: DeviceTime = field(default_factory=DeviceTime)
+    ray: RayOptions = field(default_factory=RayOptions)
     epochs: int = 1
     seed: int = 0
     checkpoint_every: int = 1

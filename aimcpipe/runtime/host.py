@@ -114,6 +114,7 @@ class StageHost:
     ) -> None:
         self.settings = settings
         self.stage = settings.stage
+        self._threads_before = torch.get_num_threads()
         torch.set_num_threads(settings.threads)
         self.device = pick_device(settings.device, settings.local_rank)
         if self.device.type == "cuda":
@@ -202,3 +203,4 @@ class StageHost:
     def close(self) -> None:
         self._beat_stop.set()
         self.channels.close()
+        torch.set_num_threads(self._threads_before)

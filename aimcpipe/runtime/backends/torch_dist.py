@@ -50,11 +50,19 @@ from aimcpipe.runtime.rendezvous import (
     try_take_obj,
 )
 
-__all__ = ["TorchBackend", "World", "decide_dist_backend", "serve", "serve_from_env"]
+__all__ = [
+    "TorchBackend",
+    "World",
+    "decide_dist_backend",
+    "release_world",
+    "serve",
+    "serve_from_env",
+]
 
 log = logging.getLogger(__name__)
 
 SPAWNED = "AIMCPIPE_SPAWNED"  # set in the environment of ranks this module spawned
+_launched: set[str] = set()  # store prefixes of torchrun worlds a backend has driven
 
 
 @dataclass(frozen=True)
@@ -266,6 +274,7 @@ class TorchBackend(RemoteBackend):
                 )
             store = world.store(options.timeout_s)
             prefix, master, port = world.prefix, world.master_addr, world.master_port
+            _launched.add(prefix)
             local = (world.local_rank, world.local_size)
         else:
             store, port = host_store("127.0.0.1", options.timeout_s)
@@ -372,6 +381,17 @@ def _spawn(rank: int, world: int, port: int, prefix: str, logs: Path) -> subproc
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )
+
+
+def release_world(world: World) -> None:
+    """Let torchrun's other ranks go when rank 0 ends without having driven them (a dry run,
+    an error before training, a finished run resumed): they wait for a first command."""
+    if world.rank != 0 or world.size < 2 or world.prefix in _launched:
+        return
+    with contextlib.suppress(Exception):
+        store = world.store(10.0)
+        for rank in range(1, world.size):
+            put_obj(store, f"{world.prefix}/cmd/{rank}/0", ("stop", ()))
 
 
 # -- the other ranks' side -------------------------------------------------------------------
