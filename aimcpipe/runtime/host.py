@@ -131,12 +131,11 @@ class StageHost:
         )
         self.worker: StageWorker | None = None
         self._beat_stop = threading.Event()
-        self._beat: threading.Thread | None = None
+        self._beat_store = heartbeat
+        self._beat_lock = threading.Lock()
+        self._beat_last: str | None = None
         if heartbeat is not None:
-            self._beat = threading.Thread(
-                target=self._publish, args=(heartbeat,), name="heartbeat", daemon=True
-            )
-            self._beat.start()
+            threading.Thread(target=self._beat_loop, name="heartbeat", daemon=True).start()
 
     # -- commands ----------------------------------------------------------------------------
     def handle(self, method: str, args: tuple[Any, ...]) -> tuple[str, Any]:
@@ -164,7 +163,14 @@ class StageHost:
 
     def run_epoch(self, plan: EpochPlan) -> StageReport:
         fault = self.settings.fault
-        before = fault.hook(self.stage, plan.epoch) if fault is not None else None
+        hook = fault.hook(self.stage, plan.epoch) if fault is not None else None
+
+        def before(index: int) -> None:
+            if index == 0:
+                self._publish()  # the epoch has started: say so before the first action
+            if hook is not None:
+                hook(index)
+
         return self._worker().run_epoch(plan, self.channels, before=before)
 
     def evaluate(self, plan: EvalPlan) -> EvalResult | None:
@@ -188,17 +194,24 @@ class StageHost:
         return self.worker.progress()
 
     # -- heartbeat ---------------------------------------------------------------------------
-    def _publish(self, store: Store) -> None:
-        key = f"{self.settings.prefix}/hb/{self.stage}"
-        last = None
-        while not self._beat_stop.wait(0.25):
-            now = json.dumps(self.progress())
-            if now != last:
-                try:
-                    store.set(key, now)
-                except Exception:  # the scheduler is gone; the host will be stopped
-                    return
-                last = now
+    def _publish(self) -> None:
+        """Publish the progress if it changed (from the heartbeat thread, ~50 times a
+        second, and at the start of each epoch)."""
+        if self._beat_store is None:
+            return
+        now = json.dumps(self.progress())
+        with self._beat_lock:
+            if now == self._beat_last:
+                return
+            try:
+                self._beat_store.set(f"{self.settings.prefix}/hb/{self.stage}", now)
+            except Exception:  # the scheduler is gone; this host will be stopped
+                self._beat_stop.set()
+            self._beat_last = now
+
+    def _beat_loop(self) -> None:
+        while not self._beat_stop.wait(0.02):
+            self._publish()
 
     def close(self) -> None:
         self._beat_stop.set()

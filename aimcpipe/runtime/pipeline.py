@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from aimcpipe.errors import AimcpipeError, ConfigError
+from aimcpipe.errors import AimcpipeError, ConfigError, StageFailure
 from aimcpipe.runtime.backends import Backend, make_backend
 from aimcpipe.runtime.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from aimcpipe.runtime.datasets import Dataset, epoch_order
@@ -179,6 +179,7 @@ class Pipeline:
         self._owns_backend = not isinstance(backend, Backend)
         self.backend_name = backend.name if isinstance(backend, Backend) else backend
         self._started = False
+        self._failed: str | None = None
         self._pending_states: list[dict[str, Any]] | None = None
         self._datasets: dict[int, tuple[str, Dataset]] = {}
         self.epoch = 0
@@ -236,6 +237,11 @@ class Pipeline:
         return self._backend
 
     def _start(self, data: Dataset) -> Backend:
+        if self._failed is not None:
+            raise StageFailure(
+                f"this pipeline's stages stopped after a failure ({self._failed}); build a new "
+                "Pipeline and load_checkpoint to continue"
+            )
         self._pick_loss(data)
         backend = self.backend
         if not self._started:
@@ -256,13 +262,34 @@ class Pipeline:
         self._datasets[id(data)] = (key, data)
         return key
 
+    def _guarded(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Call the backend; a stage failure (or an interruption mid-epoch) leaves stages
+        mid-schedule, so the pipeline refuses to go on from there."""
+        try:
+            return fn(*args)
+        except StageFailure as exc:
+            self._failed = str(exc)
+            raise
+        except KeyboardInterrupt:
+            self._failed = "interrupted"
+            raise
+
     def close(self) -> None:
-        """Stop the stage workers (processes or actors) this pipeline started."""
-        if self._backend is not None and self._owns_backend:
+        """Stop the stage workers (processes or actors) this pipeline started. Their state
+        is kept here first, so the pipeline stays usable: a later call starts new workers
+        (or, on a backend it was given, sets its stages up again) and continues exactly."""
+        if self._backend is None:
+            return
+        if self._started and self._failed is None:
+            try:
+                self._pending_states = self._backend.state_dicts()
+            except AimcpipeError as exc:
+                self._failed = str(exc)
+        if self._owns_backend:
             self._backend.close()
             self._backend = None
-            self._started = False
-            self._datasets.clear()
+        self._started = False
+        self._datasets.clear()
 
     def __enter__(self) -> Pipeline:
         return self
@@ -326,7 +353,7 @@ class Pipeline:
 
         origin = time.perf_counter()
         try:
-            reports = backend.run_epoch(plan, progress)
+            reports = self._guarded(backend.run_epoch, plan, progress)
         finally:
             if bar is not None:
                 bar.close()
@@ -374,7 +401,7 @@ class Pipeline:
             stream=self.epoch if stream is None else stream,
             timeout_s=self.runtime.timeout_s,
         )
-        result = backend.evaluate(plan)
+        result = self._guarded(backend.evaluate, plan)
         out = {"loss": result.loss_sum / len(data)}
         if data.task == "classification":
             out["accuracy"] = result.correct / len(data)

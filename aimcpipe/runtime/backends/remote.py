@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from abc import ABC, abstractmethod
 from bisect import bisect_right
@@ -75,13 +76,21 @@ def store_progress(store: Store, key: str) -> dict[str, Any] | None:
 
 
 def _where(progress: dict[str, Any] | None) -> str:
-    if not progress or not progress.get("at"):
+    """Where a stage was last seen (progress is published ~50 times a second)."""
+    if not progress:
         return ""
-    text = f" at its action {progress['at']}"
+    if not progress.get("at"):
+        if progress.get("total") and progress.get("epoch") is not None:
+            return f"; it was last seen done with epoch {progress['epoch'] + 1}"
+        return ""
+    at = str(progress["at"])
+    if at.startswith("evaluation"):
+        return f"; it was last seen at {at} of {progress.get('total')} of an evaluation"
+    text = f"; it was last seen at its action {at}"
     if progress.get("total"):
-        text += f" (action {progress['done'] + 1} of {progress['total']}"
+        text += f" ({progress['done'] + 1} of {progress['total']}"
         if progress.get("epoch") is not None:
-            text += f" of epoch {progress['epoch'] + 1}"
+            text += f" in epoch {progress['epoch'] + 1}"
         text += ")"
     return text
 
@@ -121,6 +130,7 @@ class RemoteBackend(Backend):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.handles = []
+        self.pids: list[int] = []  # the stage processes besides this one (diagnostics)
         self.offsets: list[float] = []
         self.offset_errors: list[float] = []
         self._broken: str | None = None
@@ -142,6 +152,8 @@ class RemoteBackend(Backend):
         if not self.handles:
             self._launch(len(specs))
             self.num_stages = len(specs)
+            pids = [int(h.info.get("pid", 0)) for h in self.handles]
+            self.pids = [p for p in pids if p not in (0, os.getpid())]
             self._measure_offsets()
         self._call_all("setup", [(spec,) for spec in specs])
 
