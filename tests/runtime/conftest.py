@@ -4,7 +4,9 @@ does not)."""
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -38,14 +40,42 @@ def torch_pool() -> Iterator[Callable[[int], Backend]]:
     yield from _pool("torch")
 
 
+def listening() -> set[tuple[str, int]]:
+    """Every listening TCP socket on this machine as (address, port), read from
+    /proc/net/tcp and tcp6 (what ``ss -tln`` shows)."""
+    found = set()
+    for name in ("tcp", "tcp6"):
+        path = Path("/proc/net") / name
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A":  # LISTEN
+                continue
+            addr_hex, port_hex = fields[1].split(":")
+            raw = bytes.fromhex(addr_hex)
+            # the kernel prints each 32-bit word in host (little-endian) order
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            found.add((str(ipaddress.ip_address(raw)), int(port_hex, 16)))
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
 @pytest.fixture(scope="session")
-def ray_session() -> Iterator[None]:
-    """One local Ray for every test that needs it (started as the backend would)."""
+def ray_session() -> Iterator[set[tuple[str, int]]]:
+    """One local Ray for every test that needs it (started as the backend would); yields
+    the sockets that listened before it started."""
     pytest.importorskip("ray")
     from aimcpipe.runtime.backends.ray_actors import init_ray
 
+    before = listening()
     started = init_ray(num_cpus=8)
-    yield
+    yield before
     if started:
         import ray
 

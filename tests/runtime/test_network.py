@@ -1,0 +1,35 @@
+"""Nothing a run starts listens beyond loopback by default: the torch backend's store and
+gloo sockets, and the local Ray's services and actors (checked like ``ss -tln``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aimcpipe.runtime import Pipeline
+from aimcpipe.stages import build_model
+from tests.runtime.conftest import is_loopback, listening
+
+
+def _run_and_look(digits, backend) -> set[tuple[str, int]]:
+    pipe = Pipeline(
+        build_model("digits-fcn"), stages=4, microbatches=2, microbatch_size=8,
+        progress=False, backend=backend,
+    )  # fmt: skip
+    with pipe:
+        pipe.fit(digits[0].subset(torch.arange(32)), digits[1].subset(torch.arange(8)))
+        return listening()  # while every stage process is up
+
+
+def test_the_torch_backend_listens_on_loopback_only(digits):
+    before = listening()
+    new = _run_and_look(digits, "torch") - before
+    assert len(new) >= 1 + 6  # the store, and a gloo socket per channel end at least
+    assert all(is_loopback(addr) for addr, _ in new), sorted(new)
+
+
+@pytest.mark.slow
+def test_a_local_ray_listens_on_loopback_only(digits, ray_session):
+    new = _run_and_look(digits, "ray") - ray_session
+    assert len(new) >= 5  # Ray's services, its actors, our store and channels
+    assert all(is_loopback(addr) for addr, _ in new), sorted(new)
