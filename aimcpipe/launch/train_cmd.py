@@ -100,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.ray_address is not None and not args.ray_address.strip():
+        raise ConfigError("--ray-address: give a cluster address (host:port, ray://..., auto)")
     overrides = list(args.overrides)
     for flag, key in (
         ("backend", "pipeline.backend"),

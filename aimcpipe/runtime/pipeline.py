@@ -138,6 +138,12 @@ class Pipeline:
             raise ConfigError(f"device_time.{exc}") from None
         remote = isinstance(backend, Backend) or backend != "local"
         check_loss(loss, remote=remote)
+        if backend == "ray":
+            from aimcpipe.runtime.backends.ray_actors import require_ray
+
+            require_ray()
+        if backend == "local" and runtime.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("runtime.device: 'cuda' asked for but CUDA is not available here")
         self.model = model
         blocks = pipeline_blocks(model)
         if stages is None and isinstance(partition, str):
@@ -445,8 +451,11 @@ class Pipeline:
         if test is not None and not isinstance(test, Dataset):
             raise ConfigError(f"test: must be a Dataset or None, got {type(test).__name__}")
         self._minibatches(train)  # fail before any work if the data cannot fill a mini-batch
+        if self.out is not None:
+            self._check_out()
         if self.epoch < epochs:
             log.info("%s", self.partition.describe())
+            self._start(train)  # stage processes that cannot start fail before any file
         if self.out is not None:
             self._write_start()
         for epoch in range(self.epoch, epochs):
@@ -530,13 +539,17 @@ class Pipeline:
         self.epoch = int(state["epoch"])
 
     # -- run directory -----------------------------------------------------------------------
-    def _write_start(self) -> None:
+    def _check_out(self) -> None:
         assert self.out is not None
         if self.epoch == 0 and self.out.is_dir() and any(self.out.iterdir()):
             raise ConfigError(
                 f"out: {self.out} is not empty; give a new directory (or load_checkpoint it "
                 "to continue that run)"
             )
+
+    def _write_start(self) -> None:
+        assert self.out is not None
+        self._check_out()
         self.out.mkdir(parents=True, exist_ok=True)
         # until this run finishes, the directory must not look complete
         (self.out / "metrics.json").unlink(missing_ok=True)

@@ -253,6 +253,22 @@ BAD_SETTINGS = [
     (["--set", "analog.rule=bogus"], ["analog.rule", "tiki-taka"]),
     (["--set", "optim.lr=0"], ["optim.lr", "> 0"]),
     (["--epochs", "0"], ["epochs", ">= 1"]),
+    (["--backend", "mpi"], ["--backend", "torch", "ray"]),
+    (["--set", "pipeline.backend=mpi"], ["pipeline.backend", "'torch'", "'ray'"]),
+    (["--set", "runtime.threads=0"], ["runtime.threads", "integer > 0"]),
+    (["--set", "runtime.threads=1.5"], ["runtime.threads", "integer"]),
+    (["--set", "runtime.timeout_s=-1"], ["runtime.timeout_s", "> 0"]),
+    (["--set", "runtime.dist_backend=mpi"], ["runtime.dist_backend", "'gloo'", "'nccl'"]),
+    (["--set", "runtime.device=tpu"], ["runtime.device", "'cuda'"]),
+    (["--set", "runtime.bogus=1"], ["runtime.bogus", "allowed keys", "timeout_s"]),
+    (["--cycle-s", "0"], ["device_time.cycle_s", "> 0"]),
+    (["--cycle-s", "inf"], ["device_time.cycle_s", "float"]),
+    (["--cycle-s", "abc"], ["--cycle-s", "float"]),
+    (["--set", "device_time.cycles=1"], ["device_time.cycles", "cycle_s"]),
+    (["--set", "ray.num_cpus=-1"], ["ray.num_cpus", ">= 0"]),
+    (["--set", "ray.num_gpus=x"], ["ray.num_gpus", "number"]),
+    (["--ray-address", ""], ["--ray-address", "cluster address"]),
+    (["--set", "ray.address=3"], ["ray.address", "str"]),
 ]
 
 
@@ -318,6 +334,8 @@ def finished_run(tmp_path_factory):
         (["--policy", "wop"], ["pipeline.policy", "epochs"]),
         (["--stages", "2"], ["pipeline.stages", "epochs"]),
         (["--set", "optim.lr=0.5"], ["optim.lr", "checkpoint_every"]),
+        (["--set", "runtime.threads=2"], ["runtime.threads", "pipeline.backend"]),
+        (["--set", "runtime.device=cpu"], ["runtime.device", "device_time.cycle_s"]),
     ],
 )
 def test_resume_refuses_to_change_the_run(finished_run, capsys, extra, words):
@@ -441,3 +459,21 @@ def test_an_interrupted_run_says_how_to_continue(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train_cmd, "train", interrupted)
     assert cli(train_argv("--out", str(out))) == 130
     assert f"continue with: aimcpipe train --resume {out}" in capsys.readouterr().err
+
+
+def test_the_ray_backend_without_ray_is_one_line_saying_how_to_install_it(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if it were not installed
+    rc = cli(train_argv("--backend", "ray", "--out", str(tmp_path / "run")))
+    assert_one_line_error(rc, capsys.readouterr().err, ["pipeline.backend", "pip install"])
+    assert not (tmp_path / "run").exists()
+
+
+def test_cuda_where_there_is_none_is_one_line_before_anything_is_written(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    rc = cli(train_argv("--set", "runtime.device=cuda", "--out", str(tmp_path / "run")))
+    assert_one_line_error(rc, capsys.readouterr().err, ["runtime.device", "CUDA"])
+    assert not (tmp_path / "run").exists()

@@ -74,7 +74,7 @@ def ray_session() -> Iterator[set[tuple[str, int]]]:
     from aimcpipe.runtime.backends.ray_actors import init_ray
 
     before = listening()
-    started = init_ray(num_cpus=8)
+    started = init_ray(num_cpus=64)  # logical CPUs: room for every pooled and fresh actor
     yield before
     if started:
         import ray

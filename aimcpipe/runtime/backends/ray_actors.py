@@ -29,7 +29,7 @@ from aimcpipe.runtime.host import HostSettings, StageHost, error_info, process_i
 from aimcpipe.runtime.options import RayOptions, RuntimeOptions
 from aimcpipe.runtime.rendezvous import address_towards, connect_store, host_store
 
-__all__ = ["RayBackend", "StageActor", "init_ray"]
+__all__ = ["RayBackend", "StageActor", "init_ray", "require_ray"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,14 @@ _LOCAL_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # a local Ray then binds to loopback only
 }
+
+
+def require_ray() -> None:
+    """Raise the one-line install hint when Ray cannot be imported."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"pipeline.backend: {INSTALL}") from None
 
 
 def _import_ray(local: bool) -> Any:
@@ -198,9 +206,12 @@ class RayBackend(RemoteBackend):
         refs = [a.info.remote() for a in actors]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=options.timeout_s)
         if len(ready) < len(refs):
+            free = ray.available_resources()
             raise StageFailure(
-                f"the {num_stages} stage actors did not all start within {options.timeout_s:g} "
-                "s (is the cluster busy? see ray.num_cpus / ray.num_gpus)"
+                f"only {len(ready)} of the {num_stages} stage actors started within "
+                f"{options.timeout_s:g} s; the cluster has {free.get('CPU', 0.0):g} CPUs and "
+                f"{free.get('GPU', 0.0):g} GPUs free for actors of {ropts.num_cpus:g} CPU and "
+                f"{ropts.num_gpus:g} GPU (see ray.num_cpus / ray.num_gpus)"
             )
         infos = ray.get(refs)
         for h, info in zip(self.handles, infos, strict=True):

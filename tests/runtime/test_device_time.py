@@ -1,0 +1,83 @@
+"""Emulated device time: an action lasts at least its cost × cycle_s; longer host compute is
+counted as an overrun; messages spend latency × cycle_s in flight; the metrics compare the
+cost model's prediction with the measured makespan."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aimcpipe.runtime import Pipeline
+from aimcpipe.runtime.interpreter import Interpreter
+from aimcpipe.runtime.transport import LocalTransport
+from aimcpipe.scheduler import CostModel, build_schedule
+from aimcpipe.stages import build_model
+from aimcpipe.stages.stage import Stage
+
+
+def _one_stage_run(pace: float, step: float) -> Interpreter:
+    """A one-stage schedule on a clock that advances ``step`` per reading (no real time)."""
+    ticks = itertools.count()
+    stage = Stage(0, 1, [("0", nn.Linear(3, 2))], lr=0.1, loss_fn=F.cross_entropy)
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    it = Interpreter(
+        stage,
+        build_schedule("wop", 1, 2, 1).stages[0],
+        LocalTransport(),
+        feed=lambda key: (x if key[0] == "input" else y)[key[1] * 4 : (key[1] + 1) * 4],
+        clock=lambda: next(ticks) * step,
+        origin=0.0,
+        pace=lambda action: pace,
+    )
+    it.run()
+    return it
+
+
+def test_an_action_lasts_at_least_its_emulated_time():
+    it = _one_stage_run(pace=1.0, step=0.25)  # compute "takes" 0.25: the rest is waited out
+    assert len(it.records) == 5  # F0 F1 B0 B1 U
+    assert all(r.end - r.start >= 1.0 for r in it.records)
+    assert it.overruns == 0
+
+
+def test_host_compute_beyond_the_emulated_time_is_an_overrun():
+    it = _one_stage_run(pace=0.1, step=0.25)
+    assert it.overruns == 5
+    assert it.overrun_s == pytest.approx(5 * 0.15)
+
+
+@pytest.mark.slow
+def test_device_time_on_the_torch_backend(torch_pool, digits):
+    """Every stage's busy time is at least its busy cycles × cycle_s; a message arrives no
+    sooner than latency × cycle_s after its action ended (clocks aligned); metrics.json
+    reports the prediction, the measurement and their ratio."""
+    cycle = 0.004
+    costs = CostModel(forward=1, backward=2, update=1, latency=1)
+    with Pipeline(
+        build_model("digits-fcn"), stages=3, policy="async", microbatches=3, microbatch_size=8,
+        costs=costs, cycle_s=cycle, progress=False, backend=torch_pool(3),
+    ) as pipe:  # fmt: skip
+        metrics = pipe.fit(digits[0].subset(torch.arange(72)), epochs=1).to_dict()
+        records = pipe._trace
+    assert records is not None
+    for busy_s, busy_cycles in zip(
+        metrics["measured"]["busy_s"], metrics["cycles"]["busy"], strict=True
+    ):
+        assert busy_s >= busy_cycles * cycle
+    ends = {
+        (r.action.kind, s, r.action.microbatches): r.end for s, rs in enumerate(records) for r in rs
+    }
+    for s, rs in enumerate(records):
+        for r in rs:
+            if r.action.kind == "F" and s > 0:
+                assert r.start >= ends["F", s - 1, r.action.microbatches] + cycle
+    timing = metrics["device_time"]
+    assert timing["cycle_s"] == cycle
+    assert timing["predicted_s"] == pytest.approx(metrics["cycles"]["makespan"] * cycle)
+    assert timing["measured_s"] == pytest.approx(metrics["measured"]["makespan_s"])
+    assert timing["efficiency"] == pytest.approx(timing["predicted_s"] / timing["measured_s"])
+    assert len(metrics["measured"]["overruns"]) == 3
