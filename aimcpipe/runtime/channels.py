@@ -1,20 +1,29 @@
-"""Point-to-point channels between neighbouring stages over torch.distributed (DESIGN §5).
+"""Point-to-point channels between neighbouring stages over torch.distributed.
 
 Each direction between two neighbours is a process group of its own (two ranks: the sender
 and the receiver), so every group carries one ordered stream of messages and nothing can
 cross: stage s sends activations to s+1 on one group and receives gradients from s+1 on
-another. Every message is a fixed-size header (kind, micro-batch, dtype, shape, a none-flag)
-followed by the tensor, so stages need no shape configuration.
+another. Every message is a fixed-size header (kind, micro-batch, dtype, shape, flags) and
+the tensor, so stages need no shape configuration. Header and tensor travel as *one* gloo
+message into a receive buffer posted ahead of time (gloo accepts a message smaller than the
+buffer), so a message costs one transfer, not a header, a hand-shake and a second transfer
+(measured: about half the latency between stages on a busy machine). A payload that does
+not fit the buffer goes as a header and a message of its own, and both ends then grow the
+buffer by the same rule (up to 1 MiB; larger payloads always go on their own, unpacked).
 
 Nothing waits on a neighbour while it could be sending to us. In 1F1B both neighbours send
 at once and a gloo send completes only when its receive is posted, so:
 
-* **sends are asynchronous**: :meth:`Channels.send` queues the tensor and returns; one
-  sender thread per outgoing channel sends in order;
-* **receives are posted ahead**: at the start of each phase (an epoch, an evaluation pass)
-  one receiver thread per incoming channel receives exactly the messages the schedule says
-  will come, in the order they are sent, into a mailbox; :meth:`Channels.recv` takes from
-  the mailbox.
+* **sends are asynchronous**: :meth:`Channels.send` posts the header and the tensor and
+  returns; gloo moves them in its own threads, and the sends are waited for only at the end
+  of the phase (an epoch, an evaluation pass);
+* **receives are posted ahead**: for each incoming channel the header receive of the next
+  message the schedule says will come is always posted, so a neighbour's send never waits
+  for us to be ready. :meth:`Channels.recv` takes messages in the order they come and keeps
+  the ones not needed yet in a mailbox.
+
+No Python thread carries messages (a hand-over between threads cost about as much as the
+message itself on a busy 2-core machine): the stage's own thread posts and waits.
 
 gloo's batched ``isend/irecv`` (``batch_isend_irecv``), which is known to hang, is not used.
 Every wait has a timeout; a neighbour that dies closes its sockets and the waiting side
@@ -30,6 +39,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
@@ -58,7 +68,11 @@ DTYPES = (
     torch.bool,
 )
 MAX_DIMS = 8
-HEADER = 5 + MAX_DIMS  # kind, micro-batch, dtype, ndim, none-flag, dims
+HEADER = 5 + MAX_DIMS  # kind, micro-batch, dtype, ndim, flags, dims
+HEADER_BYTES = 8 * HEADER
+NONE, SEPARATE = 1, 2  # flags: no payload; the payload follows as a message of its own
+FIRST_CAPACITY = 64 << 10  # bytes a posted receive takes at first (header + payload)
+MAX_CAPACITY = 1 << 20  # beyond this a payload always travels on its own (no packing copy)
 
 
 class PeerLost(StageFailure):
@@ -77,13 +91,14 @@ class PeerTimeout(StageFailure):
         self.peer = peer
 
 
-def _header(kind: str, n: int, payload: torch.Tensor | None) -> torch.Tensor:
+def _header(kind: str, n: int, payload: torch.Tensor | None, separate: bool) -> torch.Tensor:
     h = torch.zeros(HEADER, dtype=torch.int64)
     h[0] = KINDS.index(kind)
     h[1] = n
     if payload is None:
-        h[4] = 1
+        h[4] = NONE
         return h
+    h[4] = SEPARATE if separate else 0
     if payload.dtype not in DTYPES:
         raise StageFailure(f"cannot send a tensor of dtype {payload.dtype}")
     if payload.dim() > MAX_DIMS:
@@ -92,6 +107,24 @@ def _header(kind: str, n: int, payload: torch.Tensor | None) -> torch.Tensor:
     h[3] = payload.dim()
     h[5 : 5 + payload.dim()] = torch.tensor(payload.shape, dtype=torch.int64)
     return h
+
+
+_DEVICES: dict[str, Any] = {}
+
+
+def _gloo_device(host: str) -> Any:
+    """One gloo device (one socket loop thread) per address for all of a process's groups."""
+    if host not in _DEVICES:
+        _DEVICES[host] = dist.ProcessGroupGloo.create_device(hostname=host)
+    return _DEVICES[host]
+
+
+def _grown(capacity: int, nbytes: int, backend: str) -> int:
+    """The receive buffer after a payload of ``nbytes`` had to travel on its own: both ends
+    apply this same rule, so the sender always knows what the receiver has posted."""
+    if backend == "nccl" or HEADER_BYTES + nbytes > MAX_CAPACITY:
+        return capacity
+    return max(capacity, HEADER_BYTES + nbytes)
 
 
 def _is_broken(exc: BaseException) -> bool:
@@ -120,7 +153,7 @@ class _Pair:
         prefixed = dist.PrefixStore(name, store)
         if backend == "gloo":
             opts = dist.ProcessGroupGloo._Options()
-            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+            opts._devices = [_gloo_device(host)]
             opts._timeout = timeout
             self.pg: Any = dist.ProcessGroupGloo(prefixed, rank, 2, opts)
         else:
@@ -130,11 +163,31 @@ class _Pair:
         self.peer = 1 - rank
 
 
+class _Inbound:
+    """The receiving end of one channel: how many messages the phase still expects, and the
+    header receive posted for the next one."""
+
+    def __init__(self, src: int, pair: _Pair, capacity: int) -> None:
+        self.src = src
+        self.pair = pair
+        self.remaining = 0
+        self.capacity = capacity
+        self.buffer: torch.Tensor | None = None
+        self.work: Any = None
+
+
 class Channels:
     """The transport of stage ``stage`` of ``num_stages`` in a multi-process backend.
 
     ``store`` is shared by all stages (``prefix`` namespaces it); ``host`` is the address
     this process's sockets bind to; ``device`` is where received tensors go.
+
+    Sends are posted (gloo works on them in its own threads) and waited for only at the end
+    of the phase; for each incoming channel the header of the next expected message is
+    always posted. The stage's own thread takes messages in the order they come and keeps
+    those it does not need yet in a mailbox, so a stage only ever waits for what its next
+    action needs. With emulated latency, one sender thread per outgoing channel holds each
+    message for its time in flight.
     """
 
     def __init__(
@@ -156,8 +209,10 @@ class Channels:
         self.timeout = timedelta(seconds=timeout_s)
         self.bytes_sent: dict[int, int] = {stage: 0}
         self.latency_s = 0.0
+        # nccl needs a receive of the exact size: header and payload always separate there
+        first = HEADER_BYTES if backend == "nccl" else FIRST_CAPACITY
         self._out: dict[int, _Pair] = {}
-        self._in: dict[int, _Pair] = {}
+        self._in: dict[int, _Inbound] = {}
         # Build the groups in one global order (pair (0,1), then (1,2), ...) so that each
         # group's two members meet without waiting on any other group.
         for a in range(num_stages - 1):
@@ -169,21 +224,19 @@ class Channels:
                     store, f"{prefix}/{src}>{dst}", 0 if stage == src else 1, backend, host,
                     self.timeout,
                 )  # fmt: skip
-                (self._out if stage == src else self._in)[dst if stage == src else src] = pair
+                if stage == src:
+                    self._out[dst] = pair
+                else:
+                    self._in[src] = _Inbound(src, pair, first)
         self._box: dict[Key, Any] = {}
-        self._cond = threading.Condition()
+        self._capacity = dict.fromkeys(self._out, first)  # what the receiver has posted
+        self._sending: dict[int, deque[tuple[list[Any], tuple[Any, ...]]]] = {
+            dst: deque() for dst in self._out
+        }
+        self._lock = threading.Lock()  # guards _sending and _error (sender threads)
         self._error: BaseException | None = None
-        self._receivers: list[threading.Thread] = []
         self._queues: dict[int, queue.Queue[Any]] = {}
         self._senders: dict[int, threading.Thread] = {}
-        for dst, pair in self._out.items():
-            q: queue.Queue[Any] = queue.Queue()
-            t = threading.Thread(
-                target=self._send_loop, args=(dst, pair, q), name=f"send {stage}>{dst}", daemon=True
-            )
-            self._queues[dst] = q
-            self._senders[dst] = t
-            t.start()
 
     # -- the transport protocol ----------------------------------------------------------------
     def begin(self, expect: Mapping[int, int], latency_s: float = 0.0) -> None:
@@ -193,28 +246,27 @@ class Channels:
         for src, count in expect.items():
             if count <= 0:
                 continue
-            pair = self._in[src]
-            t = threading.Thread(
-                target=self._recv_loop,
-                args=(src, pair, count),
-                name=f"recv {src}>{self.stage}",
-                daemon=True,
-            )
-            self._receivers.append(t)
-            t.start()
+            inbound = self._in[src]
+            inbound.remaining = count
+            self._post_header(inbound)
 
     def end(self) -> None:
-        """End a phase: every expected message received, every queued send delivered."""
+        """End a phase: every expected message received, every send delivered."""
         deadline = time.monotonic() + self.timeout.total_seconds()
-        for t in self._receivers:
-            t.join(max(0.0, deadline - time.monotonic()))
-        self._receivers = [t for t in self._receivers if t.is_alive()]
         for q in self._queues.values():
-            while q.unfinished_tasks and time.monotonic() < deadline and self._error is None:
-                time.sleep(0.001)
+            while q.unfinished_tasks and self._error is None and time.monotonic() < deadline:
+                time.sleep(0.0005)
         self._raise_if_failed()
-        if self._receivers or any(q.unfinished_tasks for q in self._queues.values()):
-            raise StageFailure(f"stage {self.stage}: messages still in flight at a phase end")
+        for dst, sending in self._sending.items():
+            while sending:
+                works, _ = sending.popleft()
+                for work in works:
+                    self._wait(work, dst, deadline, "take a message")
+        late = {i.src: i.remaining for i in self._in.values() if i.remaining}
+        if late:
+            raise StageFailure(
+                f"stage {self.stage}: messages still expected at a phase end: {late}"
+            )
         if self._box:
             raise StageFailure(
                 f"stage {self.stage}: {len(self._box)} message(s) arrived but were never used"
@@ -223,7 +275,7 @@ class Channels:
     def send(self, key: Key, payload: Any) -> None:
         kind, n, src, dst = key
         self._raise_if_failed()
-        if dst not in self._queues:
+        if dst not in self._out:
             raise StageFailure(f"stage {src}: no channel to stage {dst}")
         tensor = None
         if payload is not None:
@@ -232,99 +284,157 @@ class Channels:
                 tensor = tensor.cpu()
             tensor = tensor.contiguous()
             self.bytes_sent[src] += tensor.numel() * tensor.element_size()
-        due = time.monotonic() + self.latency_s if self.latency_s else 0.0
-        self._queues[dst].put((kind, n, tensor, due))
+        if self.latency_s:
+            self._delayed(dst).put((kind, n, tensor, time.monotonic() + self.latency_s))
+        else:
+            self._post(dst, kind, n, tensor)
 
     def ready(self, key: Key) -> bool:
-        with self._cond:
-            return key in self._box
+        return key in self._box
 
     def recv(self, key: Key, timeout: float) -> Any:
         kind, n, src, _ = key
         deadline = time.monotonic() + timeout
-        with self._cond:
-            while key not in self._box:
-                if self._error is not None:
-                    raise self._error
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise PeerTimeout(
-                        f"stage {self.stage}: no {kind} of micro-batch {n} from stage {src} "
-                        f"within {timeout:g} s",
-                        src,
-                    )
-                self._cond.wait(min(left, 1.0))
-            payload = self._box.pop(key)
+        inbound = self._in.get(src)
+        while key not in self._box:
+            self._raise_if_failed()
+            if inbound is None or inbound.work is None:
+                raise StageFailure(
+                    f"stage {self.stage}: needs {kind} of micro-batch {n} from stage {src}, "
+                    "which sends it nothing more in this phase"
+                )
+            got_kind, got_n, payload = self._take(inbound, deadline, (kind, n))
+            self._box[(got_kind, got_n, src, self.stage)] = payload
+        payload = self._box.pop(key)
         if payload is not None and payload.device != self.device:
             payload = payload.to(self.device)
         return payload
 
-    # -- threads ---------------------------------------------------------------------------------
+    # -- the wire ----------------------------------------------------------------------------------
+    def _post(self, dst: int, kind: str, n: int, tensor: torch.Tensor | None) -> None:
+        """Post one message: header and payload packed into one transfer when they fit the
+        receive buffer the peer has posted, else the header and then the payload."""
+        pair = self._out[dst]
+        nbytes = 0 if tensor is None else tensor.numel() * tensor.element_size()
+        together = HEADER_BYTES + nbytes <= self._capacity[dst]
+        header = _header(kind, n, tensor, separate=not together)
+        if tensor is None:
+            parts = [header]
+        elif together:
+            packed = torch.empty(HEADER_BYTES + nbytes, dtype=torch.uint8)
+            packed[:HEADER_BYTES] = header.view(torch.uint8)
+            packed[HEADER_BYTES:] = tensor.reshape(-1).view(torch.uint8)
+            parts = [packed]
+        else:
+            parts = [header.to(self.device) if self.backend == "nccl" else header, tensor]
+            self._capacity[dst] = _grown(self._capacity[dst], nbytes, self.backend)
+        works = [pair.pg.send([part], pair.peer, 0) for part in parts]
+        with self._lock:
+            sending = self._sending[dst]
+            sending.append((works, tuple(parts)))  # keep the buffers alive until sent
+            while sending and all(w.is_completed() for w in sending[0][0]):
+                sending.popleft()
+
+    def _post_header(self, inbound: _Inbound) -> None:
+        """Post the receive of the next message (its header, and its payload if it fits)."""
+        if self.backend == "nccl":
+            inbound.buffer = torch.empty(HEADER, dtype=torch.int64, device=self.device)
+        else:
+            inbound.buffer = torch.empty(inbound.capacity, dtype=torch.uint8)
+        inbound.work = inbound.pair.pg.recv([inbound.buffer], inbound.pair.peer, 0)
+
+    def _take(
+        self, inbound: _Inbound, deadline: float, wanted: tuple[str, int]
+    ) -> tuple[str, int, Any]:
+        """Wait for the next message of ``inbound``'s channel and post the header receive of
+        the one after it."""
+        what = f"send its {wanted[0]} of micro-batch {wanted[1]}"
+        self._wait(inbound.work, inbound.src, deadline, what)
+        buffer = inbound.buffer
+        assert buffer is not None
+        header = buffer if self.backend == "nccl" else buffer[:HEADER_BYTES].view(torch.int64)
+        h = header.tolist()
+        kind, n, flags = KINDS[h[0]], h[1], h[4]
+        shape, dtype = h[5 : 5 + h[3]], DTYPES[h[2]]
+        payload = None
+        if flags & SEPARATE:
+            device = self.device if self.backend == "nccl" else torch.device("cpu")
+            payload = torch.empty(shape, dtype=dtype, device=device)
+            work = inbound.pair.pg.recv([payload], inbound.pair.peer, 0)
+            self._wait(work, inbound.src, deadline, what)
+            nbytes = payload.numel() * payload.element_size()
+            inbound.capacity = _grown(inbound.capacity, nbytes, self.backend)
+        elif not flags & NONE:
+            nbytes = torch.Size(shape).numel() * dtype.itemsize
+            payload = buffer[HEADER_BYTES : HEADER_BYTES + nbytes].view(dtype).reshape(shape)
+        inbound.remaining -= 1
+        inbound.work = inbound.buffer = None
+        if inbound.remaining > 0:
+            self._post_header(inbound)
+        return kind, n, payload
+
+    def _wait(self, work: Any, peer: int, deadline: float, what: str) -> None:
+        left = deadline - time.monotonic()
+        try:
+            work.wait(timedelta(seconds=max(left, 0.001)))
+        except Exception as exc:
+            error = self._wrap(exc, peer, what, left)
+            self._fail(error)
+            raise error from None
+
+    # -- failures ----------------------------------------------------------------------------------
     def _fail(self, exc: BaseException) -> None:
-        with self._cond:
+        with self._lock:
             if self._error is None:
                 self._error = exc
-            self._cond.notify_all()
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise self._error
 
-    def _wrap(self, exc: BaseException, peer: int, what: str) -> StageFailure:
+    def _wrap(self, exc: BaseException, peer: int, what: str, waited: float) -> StageFailure:
+        if isinstance(exc, StageFailure):
+            return exc
         if _is_timeout(exc):
             return PeerTimeout(
-                f"stage {self.stage}: stage {peer} did not {what} within "
-                f"{self.timeout.total_seconds():g} s",
+                f"stage {self.stage}: stage {peer} did not {what} within {max(waited, 0):.3g} s",
                 peer,
             )
         if _is_broken(exc):
             return PeerLost(f"stage {self.stage}: lost stage {peer} while it had to {what}", peer)
         return StageFailure(f"stage {self.stage}: channel to stage {peer} failed: {exc}")
 
-    def _send_loop(self, dst: int, pair: _Pair, q: queue.Queue[Any]) -> None:
+    # -- emulated latency --------------------------------------------------------------------------
+    def _delayed(self, dst: int) -> queue.Queue[Any]:
+        if dst not in self._queues:
+            q: queue.Queue[Any] = queue.Queue()
+            t = threading.Thread(
+                target=self._send_later, args=(dst, q), name=f"send {self.stage}>{dst}",
+                daemon=True,
+            )  # fmt: skip
+            self._queues[dst] = q
+            self._senders[dst] = t
+            t.start()
+        return self._queues[dst]
+
+    def _send_later(self, dst: int, q: queue.Queue[Any]) -> None:
         while True:
             item = q.get()
             try:
                 if item is None:
                     return
-                if self._error is not None:
-                    continue  # drain: the phase has failed
                 kind, n, tensor, due = item
-                if due:
-                    while (left := due - time.monotonic()) > 0:
-                        time.sleep(left)
-                header = _header(kind, n, tensor)
-                if self.backend == "nccl":
-                    header = header.to(self.device)
-                pair.pg.send([header], pair.peer, 0).wait(self.timeout)
-                if tensor is not None:
-                    pair.pg.send([tensor], pair.peer, 0).wait(self.timeout)
+                while (left := due - time.monotonic()) > 0:
+                    time.sleep(left)
+                if self._error is None:
+                    self._post(dst, kind, n, tensor)
             except Exception as exc:
-                self._fail(self._wrap(exc, dst, "take a message"))
+                self._fail(self._wrap(exc, dst, "take a message", 0.0))
             finally:
                 q.task_done()
 
-    def _recv_loop(self, src: int, pair: _Pair, count: int) -> None:
-        try:
-            device = self.device if self.backend == "nccl" else torch.device("cpu")
-            for _ in range(count):
-                header = torch.empty(HEADER, dtype=torch.int64, device=device)
-                pair.pg.recv([header], pair.peer, 0).wait(self.timeout)
-                h = header.tolist()
-                kind, n = KINDS[h[0]], h[1]
-                payload = None
-                if not h[4]:
-                    shape = h[5 : 5 + h[3]]
-                    payload = torch.empty(shape, dtype=DTYPES[h[2]], device=device)
-                    pair.pg.recv([payload], pair.peer, 0).wait(self.timeout)
-                with self._cond:
-                    self._box[(kind, n, src, self.stage)] = payload
-                    self._cond.notify_all()
-        except Exception as exc:
-            self._fail(self._wrap(exc, src, "send its next message"))
-
     def close(self) -> None:
-        """Stop the sender threads (queued messages are dropped if the phase failed)."""
+        """Stop the sender threads (messages not yet sent are dropped)."""
         for q in self._queues.values():
             q.put(None)
         for t in self._senders.values():

@@ -17,6 +17,7 @@ from aimcpipe.errors import ConfigError
 __all__ = ["BACKENDS", "DeviceTime", "RayOptions", "RuntimeOptions"]
 
 BACKENDS = ("local", "torch", "ray")
+START_S = 120.0  # at least this long for stage processes or actors to start (imports, placement)
 
 
 def _positive(name: str, value: object, *, integer: bool = False, allow_zero: bool = False) -> None:
@@ -63,6 +64,12 @@ class RuntimeOptions:
             raise ConfigError(
                 f"device: {self.device!r} is not allowed; use one of 'auto', 'cpu', 'cuda'"
             )
+
+    @property
+    def start_s(self) -> float:
+        """How long stage processes or actors may take to start: a process importing torch
+        on a busy machine, or an actor waiting for a place, is not a hang."""
+        return max(self.timeout_s, START_S)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@ have): the protocol, ordering, timeouts and errors are what is tested, quickly."
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -102,7 +104,9 @@ def test_a_message_that_never_comes_times_out_naming_the_peer():
     chans = _world(2, timeout_s=5.0)
     chans[0].begin({1: 1})
     started = time.monotonic()
-    with pytest.raises(PeerTimeout, match="no gradient of micro-batch 0 from stage 1") as info:
+    with pytest.raises(
+        PeerTimeout, match="stage 1 did not send its gradient of micro-batch 0"
+    ) as info:
         chans[0].recv(("gradient", 0, 1, 0), 0.3)
     assert info.value.peer == 1
     assert time.monotonic() - started < 5.0
@@ -110,34 +114,42 @@ def test_a_message_that_never_comes_times_out_naming_the_peer():
         c.close()
 
 
-def test_a_message_sent_but_not_taken_fails_the_phase_end():
+def test_messages_taken_out_of_order_wait_in_the_mailbox_and_unused_ones_fail_the_end():
     chans = _world(2)
-    chans[1].begin({0: 1})
+    chans[1].begin({0: 3})
     chans[0].begin({})
-    chans[0].send(("activation", 0, 0, 1), torch.ones(2))
+    for n in range(3):
+        chans[0].send(("activation", n, 0, 1), torch.full((2,), float(n)))
+    assert chans[1].recv(("activation", 2, 0, 1), 10.0).tolist() == [2.0, 2.0]
+    assert chans[1].ready(("activation", 0, 0, 1))  # arrived first, kept for later
+    assert chans[1].recv(("activation", 0, 0, 1), 10.0).tolist() == [0.0, 0.0]
     chans[0].end()
-    deadline = time.monotonic() + 10
-    while not chans[1].ready(("activation", 0, 0, 1)) and time.monotonic() < deadline:
-        time.sleep(0.001)
-    with pytest.raises(StageFailure, match="never used"):
+    with pytest.raises(StageFailure, match=r"1 message\(s\) arrived but were never used"):
         chans[1].end()
     for c in chans:
         c.close()
 
 
-def test_a_broken_connection_is_reported_as_a_lost_peer():
-    """When a neighbour's sockets close (its process died), a waiting stage fails at once
-    instead of waiting out its timeout."""
-    chans = _world(2, timeout_s=30.0)
-    chans[0].begin({1: 1})
-    for pair in list(chans[1]._in.values()) + list(chans[1]._out.values()):
-        del pair.pg  # the only reference: gloo closes the pair's sockets
-    chans[1]._in.clear()
-    chans[1]._out.clear()
+PEER = """
+import os, sys
+from aimcpipe.runtime.channels import Channels
+from aimcpipe.runtime.rendezvous import connect_store
+Channels(connect_store("127.0.0.1", int(sys.argv[1]), 30.0), 1, 2, prefix="t", timeout_s=30.0)
+os._exit(0)  # dies at once, as a killed stage would: its sockets close
+"""
+
+
+def test_a_neighbour_that_dies_is_reported_as_lost_at_once():
+    store, port = host_store("127.0.0.1", 30.0)
+    peer = subprocess.Popen([sys.executable, "-c", PEER, str(port)])
+    chans = Channels(store, 0, 2, prefix="t", timeout_s=30.0)
+    chans.begin({1: 1})
     started = time.monotonic()
-    with pytest.raises(PeerLost, match="lost stage 1"):
-        chans[0].recv(("gradient", 0, 1, 0), 30.0)
-    assert time.monotonic() - started < 15.0
+    with pytest.raises(PeerLost, match="lost stage 1 while it had to send its gradient") as info:
+        chans.recv(("gradient", 0, 1, 0), 30.0)
+    assert info.value.peer == 1
+    assert time.monotonic() - started < 20.0  # the connection closed: no timeout waited out
+    assert peer.wait(30) == 0
 
 
 def test_objects_travel_through_the_store_in_chunks():

@@ -204,12 +204,12 @@ class RayBackend(RemoteBackend):
         ]
         self.handles = [ActorHandle(ray, a, s, self._server, prefix) for s, a in enumerate(actors)]
         refs = [a.info.remote() for a in actors]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=options.timeout_s)
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=options.start_s)
         if len(ready) < len(refs):
             free = ray.available_resources()
             raise StageFailure(
                 f"only {len(ready)} of the {num_stages} stage actors started within "
-                f"{options.timeout_s:g} s; the cluster has {free.get('CPU', 0.0):g} CPUs and "
+                f"{options.start_s:g} s; the cluster has {free.get('CPU', 0.0):g} CPUs and "
                 f"{free.get('GPU', 0.0):g} GPUs free for actors of {ropts.num_cpus:g} CPU and "
                 f"{ropts.num_gpus:g} GPU (see ray.num_cpus / ray.num_gpus)"
             )

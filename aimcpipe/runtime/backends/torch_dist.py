@@ -331,7 +331,7 @@ class TorchBackend(RemoteBackend):
     def _info(self, s: int, process: subprocess.Popen[bytes] | None) -> dict[str, Any]:
         """Rank ``s``'s process info, as soon as it has connected."""
         key = f"{self._prefix}/info/{s}"
-        deadline = time.monotonic() + self.options.timeout_s
+        deadline = time.monotonic() + self.options.start_s
         while time.monotonic() < deadline:
             found, info = try_take_obj(self._store, key)
             if found:
@@ -344,7 +344,7 @@ class TorchBackend(RemoteBackend):
                     )
                 )
             time.sleep(0.01)
-        raise StageFailure(f"stage {s} (rank {s}) did not join within {self.options.timeout_s:g} s")
+        raise StageFailure(f"stage {s} (rank {s}) did not join within {self.options.start_s:g} s")
 
     def _stop(self) -> None:
         self._server = None
