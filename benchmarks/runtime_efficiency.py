@@ -8,10 +8,11 @@ aligned). 1.0 means the runtime adds nothing; the gap is per-message transport, 
 jitter and the scheduler's dispatch.
 
 One epoch of the digits analog network (4 blocks), partitioned into S = 2 and 4 stages, for
-wop, sync-1f1b and async, on the torch and Ray backends, F = B = U = 1 cycle. ``cycle_s``
-is chosen so that one action's host compute fits inside it (overruns are reported). Run::
+wop, sync-1f1b and async, on the torch and Ray backends, F = B = U = 1 cycle, at two cycle
+times: host compute fits inside an action at both (overruns are reported), and the runtime's
+fixed cost per hop between stages weighs less at the longer one. Run::
 
-    PYTHONPATH=. .venv/bin/python benchmarks/runtime_efficiency.py --repeats 3
+    PYTHONPATH=. .venv/bin/python benchmarks/runtime_efficiency.py --repeats 3 --cycle-s 0.01,0.03
 
 Results: ``benchmarks/results/runtime_efficiency.json`` and ``.png``.
 """
@@ -49,15 +50,37 @@ def one_epoch(backend, stages: int, policy: str, train, cycle_s: float) -> dict:
         cycle_s=cycle_s, progress=False, backend=backend,
     ) as pipe:  # fmt: skip
         m = pipe.fit(train, epochs=1).to_dict()
+        records = pipe._trace  # this epoch's actions, all stages, on one clock
     t = m["device_time"]
+    hops, excess = where_the_time_goes(records, cycle_s)
     return {
+        "hop_ms": 1e3 * statistics.median(hops) if hops else 0.0,
+        "excess_ms": 1e3 * statistics.median(excess),
         "efficiency": t["efficiency"],
         "predicted_s": t["predicted_s"],
         "measured_s": t["measured_s"],
         "cycles": m["cycles"]["makespan"],
         "overruns": sum(m["measured"]["overruns"]),
-        "actions": None,
     }
+
+
+def where_the_time_goes(records, cycle_s: float) -> tuple[list[float], list[float]]:
+    """Per message: from the end of the action that sent it to the start of the action that
+    needed it, when that action had nothing else to do first (its stage's previous action had
+    ended before the message's sender did) — the transport's cost on the critical path. Per
+    action: how much longer than its emulated time it lasted (sleep overshoot)."""
+    ends = {(r.action.kind, s, r.action.microbatches): r.end for s, rs in enumerate(records)
+            for r in rs}  # fmt: skip
+    hops, excess = [], []
+    for s, rs in enumerate(records):
+        for prev, r in zip([None, *rs[:-1]], rs, strict=True):
+            kind, mbs = r.action.kind, r.action.microbatches
+            src = (kind, s - 1, mbs) if kind == "F" else (kind, s + 1, mbs)
+            if kind in "FB" and src in ends and (prev is None or prev.end <= ends[src]):
+                hops.append(r.start - ends[src])
+            units = len(mbs) if kind == "U" else 1
+            excess.append(r.end - r.start - units * cycle_s)
+    return hops, excess
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -69,12 +92,15 @@ def plot(rows: list[dict], path: Path) -> None:
     except ImportError:
         return
     backends = list(dict.fromkeys(r["backend"] for r in rows))
+    cycles = sorted({r["cycle_s"] for r in rows})
     fig, axes = plt.subplots(1, len(backends), figsize=(5 * len(backends), 3.8), squeeze=False)
     for ax, backend in zip(axes[0], backends, strict=True):
-        for policy in POLICIES:
-            pts = [(r["stages"], r["efficiency"]) for r in rows
-                   if r["backend"] == backend and r["policy"] == policy]  # fmt: skip
-            ax.plot(*zip(*pts, strict=True), marker="o", label=policy)
+        for i, policy in enumerate(POLICIES):
+            for cycle, style in zip(cycles, ("--", "-", ":"), strict=False):
+                pts = [(r["stages"], r["efficiency"]) for r in rows if r["backend"] == backend
+                       and r["policy"] == policy and r["cycle_s"] == cycle]  # fmt: skip
+                ax.plot(*zip(*pts, strict=True), marker="o", ls=style, color=f"C{i}",
+                        label=f"{policy}, cycle {cycle * 1e3:g} ms")  # fmt: skip
         ax.axhline(TARGET[backend], color="grey", ls="--", lw=1, label=f"target {TARGET[backend]}")
         ax.set_title(f"{backend} backend")
         ax.set_xlabel("stages")
@@ -82,7 +108,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_ylim(0.8, 1.01)
         ax.set_xticks(sorted({r["stages"] for r in rows}))
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower left")
+        ax.legend(loc="lower left", fontsize=7)
     fig.suptitle("runtime efficiency with emulated device time")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -92,7 +118,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--cycle-s", type=float, default=0.01)
+    parser.add_argument("--cycle-s", default="0.01,0.03", help="seconds per cycle (list)")
     parser.add_argument("--samples", type=int, default=640, help="training samples (an epoch)")
     parser.add_argument("--backends", default="torch,ray")
     parser.add_argument("--stages", default="2,4")
@@ -101,35 +127,43 @@ def main() -> None:
     train, _ = load_dataset("digits")
     train = train.subset(torch.arange(args.samples))
     rows = []
+    cycles = [float(c) for c in args.cycle_s.split(",")]
     for name in args.backends.split(","):
         for stages in (int(s) for s in args.stages.split(",")):
             started = time.perf_counter()
             backend = make_backend(name, RuntimeOptions(timeout_s=120))
+            runs: dict[tuple[float, str], list[dict]] = {}
             try:
-                runs: dict[str, list[dict]] = {p: [] for p in POLICIES}
-                for _ in range(args.repeats):  # policies interleaved on the same processes
-                    for policy in POLICIES:
-                        runs[policy].append(one_epoch(backend, stages, policy, train, args.cycle_s))
+                one_epoch(backend, stages, "wop", train, 1e-4)  # warm-up: first-call costs
+                for _ in range(args.repeats):  # cases interleaved on the same processes
+                    for cycle in cycles:
+                        for policy in POLICIES:
+                            result = one_epoch(backend, stages, policy, train, cycle)
+                            runs.setdefault((cycle, policy), []).append(result)
             finally:
                 backend.close()
-            for policy, results in runs.items():
+            for (cycle, policy), results in runs.items():
                 eff = [r["efficiency"] for r in results]
                 row = {
-                    "backend": name, "stages": stages, "policy": policy,
+                    "backend": name, "stages": stages, "policy": policy, "cycle_s": cycle,
                     "efficiency": statistics.median(eff), "efficiency_min": min(eff),
                     "efficiency_max": max(eff),
                     "predicted_s": results[0]["predicted_s"],
                     "measured_s": statistics.median(r["measured_s"] for r in results),
                     "cycles": results[0]["cycles"],
                     "overruns": max(r["overruns"] for r in results),
+                    "hop_ms": statistics.median(r["hop_ms"] for r in results),
+                    "action_excess_ms": statistics.median(r["excess_ms"] for r in results),
                     "meets_target": statistics.median(eff) >= TARGET[name],
                 }  # fmt: skip
                 rows.append(row)
                 print(
-                    f"{name:5s} S={stages} {policy:9s} efficiency {row['efficiency']:.3f} "
+                    f"{name:5s} S={stages} cycle {cycle * 1e3:g} ms {policy:9s} "
+                    f"efficiency {row['efficiency']:.3f} "
                     f"(min {row['efficiency_min']:.3f}, max {row['efficiency_max']:.3f}), "
                     f"predicted {row['predicted_s']:.2f} s, measured {row['measured_s']:.2f} s, "
-                    f"overruns {row['overruns']}"
+                    f"overruns {row['overruns']}; per hop {row['hop_ms']:.2f} ms, "
+                    f"per action +{row['action_excess_ms']:.2f} ms"
                 )
             print(f"  ({time.perf_counter() - started:.0f} s with start-up)")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -138,7 +172,6 @@ def main() -> None:
         "command": "PYTHONPATH=. .venv/bin/python benchmarks/runtime_efficiency.py "
         f"--repeats {args.repeats} --cycle-s {args.cycle_s} --samples {args.samples}",
         "machine": machine_info(),
-        "cycle_s": args.cycle_s,
         "targets": TARGET,
         "results": rows,
     }

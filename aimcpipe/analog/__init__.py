@@ -1,6 +1,6 @@
 """Simulated analog in-memory computing: devices, tiles, update rules and layers.
 
-This package knows nothing of pipelines (DESIGN.md §2).
+This package knows nothing of pipelines (docs/design.md §2).
 """
 
 from aimcpipe.analog.config import (

@@ -46,7 +46,7 @@ def _positive(name: str, value: float) -> None:
 class DeviceConfig:
     """How one cross-point responds to an update request.
 
-    Response factors (DESIGN.md §3): a requested change ``ΔW = P − N`` (P, N ≥ 0) is realised
+    Response factors (docs/design.md §3): a requested change ``ΔW = P − N`` (P, N ≥ 0) is realised
     as ``W += P ⊙ q+(W) − N ⊙ q−(W)``, then clipped to ``[w_min, w_max]``.
 
     - ``ideal``: q± = 1, no bounds.
@@ -190,7 +190,7 @@ class UpdateConfig:
     ``mode: expected`` applies the expected device response in closed form;
     ``granularity`` chooses whether the asymmetric term uses the magnitude of the summed
     update (``batch``, the papers' ``W ← W − αg − (α/τ)|g|⊙W``) or the sum of per-sample
-    magnitudes (``sample``, what pulsed hardware does in expectation; DESIGN.md §3).
+    magnitudes (``sample``, what pulsed hardware does in expectation; docs/design.md §3).
     ``mode: pulsed`` fires stochastic pulse trains of at most ``desired_bl`` bits per sample
     (aihwkit's StochasticCompressed with update bit-length management).
     """

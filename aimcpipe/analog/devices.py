@@ -1,7 +1,7 @@
 """Device response models: how a crossbar realises a requested weight change.
 
 A requested update for inputs ``x`` (b × in) and errors ``d`` (b × out) at learning rate ``lr``
-is ``ΔW = −lr · dᵀx`` (DESIGN.md §3). A device realises it through response factors:
+is ``ΔW = −lr · dᵀx`` (docs/design.md §3). A device realises it through response factors:
 ``W += P ⊙ q+(W) − N ⊙ q−(W)`` with ``P − N = ΔW`` and ``P, N ≥ 0``, then clips to its bounds.
 
 - Expected response, ``batch`` granularity: ``P + N = |ΔW|`` — the papers' equation

@@ -1,4 +1,4 @@
-"""Analog matrix-vector multiplication with IO non-idealities (DESIGN.md §3).
+"""Analog matrix-vector multiplication with IO non-idealities (docs/design.md §3).
 
 The same function serves the forward pass (``y = W x``) and the backward pass
 (``g = Wᵀ d``, the transposed read of the same array), each with its own ``IOConfig``.

@@ -5,7 +5,7 @@ The autograd function saves the layer *input* and, in backward, reads the array 
 does not produce a weight gradient: it records ``(x, d)`` on the layer's ``AnalogWeight``,
 and the update is applied explicitly later (``AnalogSGD.step`` or a pipeline stage's ``U``
 action). An update between a forward and its backward is therefore legal and visible to the
-backward (DESIGN.md §3).
+backward (docs/design.md §3).
 
 Biases stay digital ``nn.Parameter``s, trained with digital SGD.
 """

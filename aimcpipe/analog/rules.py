@@ -8,7 +8,7 @@
   forward IO and written onto the slow tile C at α through C's device. MVMs use C + γA.
 
 Every rule also keeps the *pending* (x, d) pairs that backward recorded until the stage (or
-``AnalogSGD``) applies them: DESIGN.md §3 requires updates to be explicit actions.
+``AnalogSGD``) applies them: docs/design.md §3 requires updates to be explicit actions.
 """
 
 from __future__ import annotations

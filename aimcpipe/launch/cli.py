@@ -2,7 +2,7 @@
 
 Each sub-command lives in its own module exposing ``add_arguments(parser)`` and
 ``run(args) -> int``; this file only wires them together and turns errors into one line and
-exit status 2, as DESIGN.md §6 requires.
+exit status 2, as docs/design.md §6 requires.
 """
 
 from __future__ import annotations

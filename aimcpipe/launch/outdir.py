@@ -1,4 +1,4 @@
-"""Output directories that are complete or absent, never half-written (DESIGN.md §6).
+"""Output directories that are complete or absent, never half-written (docs/design.md §6).
 
 Commands build their output in a hidden temporary sibling and move it into place only when
 everything was written, so an error or an interrupt leaves no directory that looks complete.

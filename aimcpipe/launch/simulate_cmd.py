@@ -1,7 +1,7 @@
 """``aimcpipe simulate``: time pipeline schedules with the cycle cost model.
 
 Prints a table (or, with ``--json``, exactly one JSON object whose ``results`` rows carry
-the DESIGN.md §6 keys) and optionally writes an output directory with the results, a
+the docs/design.md §6 keys) and optionally writes an output directory with the results, a
 Chrome trace, ASCII timelines, the schedules as CSV and a speedup/utilization plot.
 
 Every flag is checked before anything is simulated or written; the output directory is

@@ -1,4 +1,4 @@
-"""``aimcpipe train CONFIG.yaml``: train a model with a pipeline policy (DESIGN.md §6).
+"""``aimcpipe train CONFIG.yaml``: train a model with a pipeline policy (docs/design.md §6).
 
 Writes the run directory (``--out``): config.yaml (resolved), history.jsonl, checkpoint.pt,
 partition.json, trace.json, model.pt, curves.png and metrics.json (written last). A run that

@@ -117,7 +117,7 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class CostConfig:
-    """Cycles per action for the cost model (DESIGN.md §4); default AIMC F=B=U=1."""
+    """Cycles per action for the cost model (docs/design.md §4); default AIMC F=B=U=1."""
 
     forward: int | float = 1
     backward: int | float = 1

@@ -23,7 +23,9 @@ at once and a gloo send completes only when its receive is posted, so:
   the ones not needed yet in a mailbox.
 
 No Python thread carries messages (a hand-over between threads cost about as much as the
-message itself on a busy 2-core machine): the stage's own thread posts and waits.
+message itself on a busy 2-core machine): the stage's own thread posts and waits. Only
+emulated latency (``cost.latency`` × ``device_time.cycle_s``) uses a sender thread per
+outgoing channel, which holds each message for its time in flight.
 
 gloo's batched ``isend/irecv`` (``batch_isend_irecv``), which is known to hang, is not used.
 Every wait has a timeout; a neighbour that dies closes its sockets and the waiting side

@@ -1,6 +1,6 @@
 """Datasets as in-memory tensors, and the deterministic order in which an epoch visits them.
 
-The central scheduler owns the data (DESIGN.md §5): it loads a whole split once, then streams
+The central scheduler owns the data (docs/design.md §5): it loads a whole split once, then streams
 micro-batches to stage 0 (inputs) and to the last stage (targets). Every split fits in memory
 for the experiments this package reproduces, so a dataset is just two tensors.
 

@@ -7,8 +7,8 @@ coarse commands per epoch (:data:`COMMANDS`), which return ``("ok", value)`` or
 ``("error", info)``; a worker never decides anything that other stages must agree on.
 
 While it runs, a host publishes its progress (epoch, action index, the action it is at) in
-the store about four times a second, so the scheduler can show progress and, when a run
-fails, name where each stage stopped.
+the store ten times a second and at the start of each epoch, so the scheduler can show
+progress and, when a run fails, name where each stage stopped.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from aimcpipe.runtime.rendezvous import Store
 from aimcpipe.runtime.worker import StageWorker, pick_device
 
 __all__ = ["COMMANDS", "HostSettings", "StageHost", "error_info", "process_info"]
+
+BEAT_S = 0.1  # progress is published this often (the store lives beside stage 0 on torch)
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +197,8 @@ class StageHost:
 
     # -- heartbeat ---------------------------------------------------------------------------
     def _publish(self) -> None:
-        """Publish the progress if it changed (from the heartbeat thread, ~50 times a
-        second, and at the start of each epoch)."""
+        """Publish the progress if it changed (from the heartbeat thread every
+        :data:`BEAT_S`, and at the start of each epoch)."""
         if self._beat_store is None:
             return
         now = json.dumps(self.progress())
@@ -210,7 +212,7 @@ class StageHost:
             self._beat_last = now
 
     def _beat_loop(self) -> None:
-        while not self._beat_stop.wait(0.02):
+        while not self._beat_stop.wait(BEAT_S):
             self._publish()
 
     def close(self) -> None:

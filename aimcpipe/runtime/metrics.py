@@ -1,4 +1,4 @@
-"""What a training run measured, epoch by epoch and in total (DESIGN.md §5–§6).
+"""What a training run measured, epoch by epoch and in total (docs/design.md §5–§6).
 
 ``EpochResult`` is one epoch: losses, accuracy, the executed actions' wall-clock busy time per
 stage, and the cycles the cost model gives for those same actions. ``RunMetrics`` accumulates
@@ -9,13 +9,14 @@ epochs and writes the ``metrics.json`` contract::
     samples_per_s
 
 Measured utilization is a stage's busy seconds over the seconds the schedules took to run
-(evaluation excluded). On the in-process backend the stages take turns on one interpreter, so
-it sums to about 1 across stages; the multi-process backends overlap them.
+(evaluation excluded). On the in-process backend the stages take turns in one process, so it
+sums to about 1 across stages; the multi-process backends overlap them.
 
 With emulated device time (``device_time.cycle_s``) the cost model predicts each epoch's
 makespan in seconds (cycles × cycle_s); ``device_time.efficiency`` is that prediction over the
 measured makespan (first action start to last action end, all stages), i.e. how much of the
-schedule's timing survives the runtime's own overhead.
+schedule's timing survives the runtime's own overhead. Both sum over the epochs that ran with
+emulated time (a resumed run may change ``cycle_s``).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class EpochResult:
     bytes_sent: list[int]
     makespan_s: float = 0.0
     overruns: list[int] = field(default_factory=list)
+    cycle_s: float | None = None
     test_loss: float | None = None
     test_accuracy: float | None = None
 
@@ -65,6 +67,7 @@ class EpochResult:
         counters: Sequence[Any],
         bytes_sent: list[int],
         overruns: list[int] | None = None,
+        cycle_s: float | None = None,
     ) -> EpochResult:
         samples = sum(s["samples"] for s in stats)
         loss = sum(s["loss"] * s["samples"] for s in stats) / samples
@@ -96,6 +99,7 @@ class EpochResult:
             bytes_sent=bytes_sent,
             makespan_s=max(ends) - min(starts) if starts else 0.0,
             overruns=list(overruns) if overruns is not None else [0] * len(records),
+            cycle_s=cycle_s,
         )
 
     def history_row(self) -> dict[str, Any]:
@@ -131,6 +135,8 @@ def _new_measured(stages: int) -> dict[str, Any]:
         "busy_s_by_kind": [dict.fromkeys(KINDS, 0.0) for _ in range(stages)],
         "bytes_sent": [0] * stages,
         "overruns": [0] * stages,
+        "paced_predicted_s": 0.0,
+        "paced_makespan_s": 0.0,
     }
 
 
@@ -186,6 +192,9 @@ class RunMetrics:
         m = self.measured
         m["makespan_s"] += r.makespan_s
         m["overruns"] = _add(m["overruns"], r.overruns)
+        if r.cycle_s:  # emulated device time: what the cost model predicts for this epoch
+            m["paced_predicted_s"] += r.cycles * r.cycle_s
+            m["paced_makespan_s"] += r.makespan_s
         m["busy_s"] = _add(m["busy_s"], r.busy_s)
         m["bytes_sent"] = _add(m["bytes_sent"], r.bytes_sent)
         for total, epoch in zip(m["busy_s_by_kind"], r.busy_s_by_kind, strict=True):
@@ -242,14 +251,14 @@ class RunMetrics:
             "peak_stash_bytes": list(self.peak_stash_bytes),
             "samples_per_s": self.samples / self.train_s if self.train_s else math.nan,
         }
-        if self.cycle_s is not None:
-            predicted = makespan * self.cycle_s
-            measured = self.measured["makespan_s"]
-            out["device_time"] = {
+        if self.measured["paced_makespan_s"]:
+            predicted = self.measured["paced_predicted_s"]
+            measured = self.measured["paced_makespan_s"]
+            out["device_time"] = {  # over the epochs run with emulated device time
                 "cycle_s": self.cycle_s,
                 "predicted_s": predicted,
                 "measured_s": measured,
-                "efficiency": predicted / measured if measured else math.nan,
+                "efficiency": predicted / measured,
             }
         return out
 

@@ -2,8 +2,9 @@
 
 These are the ``runtime``, ``device_time`` and ``ray`` sections of a train config and the
 ``runtime=``/``device_time=``/``ray=`` arguments of :class:`~aimcpipe.runtime.Pipeline`. They
-never change the numbers a run computes (``threads`` aside, which is why it is one setting
-applied by every backend), so a resumed run may change any of them but ``threads``.
+never change the numbers a run computes (``threads`` and ``device`` aside: they change float
+rounding and random streams, which is why ``threads`` is one setting applied by every
+backend), so a resumed run may change any of them but those two.
 """
 
 from __future__ import annotations

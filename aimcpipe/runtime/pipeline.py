@@ -197,7 +197,9 @@ class Pipeline:
             microbatch_size=microbatch_size,
             cycle_s=cycle_s,
         )
-        self._trace: list[list[ActionRecord]] | None = None
+        self._trace: list[list[ActionRecord]] | None = None  # this session's first epoch
+        self._trace_epoch = 0
+        self._trace_clocks: dict[str, Any] | None = None
 
     # -- stages --------------------------------------------------------------------------
     @property
@@ -380,6 +382,8 @@ class Pipeline:
         sim = simulate(executed, self.costs)
         if self._trace is None:
             self._trace = records
+            self._trace_epoch = plan.epoch
+            self._trace_clocks = self.backend.clocks()
         return EpochResult.from_run(
             epoch=plan.epoch,
             lr=plan.lr,
@@ -390,6 +394,7 @@ class Pipeline:
             counters=[rep.counters for rep in reports],
             bytes_sent=[rep.bytes_sent for rep in reports],
             overruns=[rep.overruns for rep in reports],
+            cycle_s=plan.cycle_s,
         )
 
     def evaluate(self, data: Dataset, stream: int | None = None) -> dict[str, float]:
@@ -578,5 +583,7 @@ class Pipeline:
             metrics=self.metrics,
             model_state=self.state_dict(),
             trace=self._trace,
-            label=f"{self.policy} S={self.num_stages} Bm={self.microbatches} (first epoch)",
+            label=f"{self.policy} S={self.num_stages} Bm={self.microbatches} on "
+            f"{self.backend_name} (epoch {self._trace_epoch + 1})",
+            clocks=self._trace_clocks,
         )

@@ -1,4 +1,4 @@
-"""The files of a run directory (DESIGN.md §6) written at the end of training.
+"""The files of a run directory (docs/design.md §6) written at the end of training.
 
 ``config.yaml`` and ``history.jsonl`` are written as the run goes (by the pipeline);
 this module writes the rest: ``metrics.json`` last of all, so a directory without it is a run
@@ -45,8 +45,11 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def runtime_trace(records: Sequence[Sequence[Any]], label: str) -> dict[str, Any]:
-    """Chrome trace of executed actions (``ActionRecord`` lists per stage), in µs."""
+def runtime_trace(
+    records: Sequence[Sequence[Any]], label: str, clocks: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Chrome trace of executed actions (``ActionRecord`` lists per stage), in µs, on the
+    scheduler's clock; ``clocks`` says how each stage's clock was mapped onto it."""
     events = track_events(
         0,
         label,
@@ -56,7 +59,11 @@ def runtime_trace(records: Sequence[Sequence[Any]], label: str) -> dict[str, Any
     )
     return {
         "traceEvents": events,
-        "otherData": {"generator": "aimcpipe.runtime", "time_unit": "microseconds"},
+        "otherData": {
+            "generator": "aimcpipe.runtime",
+            "time_unit": "microseconds",
+            **({"clocks": clocks} if clocks else {}),
+        },
     }
 
 
@@ -111,12 +118,13 @@ def write_results(
     model_state: dict[str, Any],
     trace: Sequence[Sequence[Any]] | None,
     label: str,
+    clocks: dict[str, Any] | None = None,
 ) -> None:
     """model.pt, trace.json, curves.png, then metrics.json (the completion mark)."""
     torch.save(model_state, out / "model.pt")
     if trace is not None:
         with (out / "trace.json").open("w") as fh:
-            json.dump(runtime_trace(trace, label), fh, separators=(",", ":"))
+            json.dump(runtime_trace(trace, label, clocks), fh, separators=(",", ":"))
     title = f"{metrics.policy}, {metrics.stages} stage(s), Bm={metrics.microbatches}"
     plot_curves(metrics.history, out / "curves.png", title)
     write_json(out / "metrics.json", metrics.to_dict())

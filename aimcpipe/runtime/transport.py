@@ -94,7 +94,8 @@ class LocalTransport:
         )
 
     def begin(self, expect: Mapping[int, int], latency_s: float = 0.0) -> None:
-        """In one process messages arrive as they are sent: nothing to prepare."""
+        """In one process messages arrive as they are sent: nothing to prepare, and no
+        latency to emulate (the stages take turns, so there is no timing to show)."""
 
     def end(self) -> None:
         if self._box:

@@ -1,6 +1,6 @@
 """aimcpipe.scheduler: schedules as data, and a cycle simulator to time them.
 
-Torch-free by design (DESIGN.md §2): a schedule is a per-stage list of F/B/U actions that the
+Torch-free by design (docs/design.md §2): a schedule is a per-stage list of F/B/U actions that the
 simulator here times and the runtime's single interpreter executes on any backend.
 
 Typical use::

@@ -1,4 +1,4 @@
-"""The schedule IR: per-stage lists of F, B and U actions (DESIGN.md §4).
+"""The schedule IR: per-stage lists of F, B and U actions (docs/design.md §4).
 
 A schedule is plain data. Stage ``s`` of ``S`` executes its own action list strictly in
 order; the cross-stage dependencies are implied by the actions themselves, so they are

@@ -1,4 +1,4 @@
-"""Cycle cost model and optional hardware (time, energy) model (DESIGN.md §4).
+"""Cycle cost model and optional hardware (time, energy) model (docs/design.md §4).
 
 Costs are in *cycles* of the accelerator clock:
 

@@ -1,4 +1,4 @@
-"""Schedule policies as action-list generators (DESIGN.md §4).
+"""Schedule policies as action-list generators (docs/design.md §4).
 
 Every policy is a function ``(num_stages, Bm, K, **options) -> Schedule``; the three
 pipeline policies of the project differ *only* in the per-stage lists they produce, so one
@@ -121,7 +121,7 @@ def _build_async(
 ) -> Schedule:
     """``drain_every``: drain the pipeline after every that many mini-batches (e.g. one
     epoch, where the runtime needs a consistent model to evaluate or checkpoint); None
-    drains only at the end of the run, as DESIGN.md's closed form assumes."""
+    drains only at the end of the run, as the closed form of docs/design.md §4.5 assumes."""
     if not isinstance(weight_stashing, bool):
         raise ConfigError(f"weight_stashing must be true or false, got {weight_stashing!r}")
     total = bm * k

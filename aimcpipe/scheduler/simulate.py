@@ -1,4 +1,4 @@
-"""Event-driven cycle simulator of a schedule under a cost model (DESIGN.md §4).
+"""Event-driven cycle simulator of a schedule under a cost model (docs/design.md §4).
 
 Each stage runs its list strictly in order. An action starts when its stage is free and its
 dependency is met: F(n) at s>0 when F(n) at s-1 finished + latency; B(n) at s<S-1 when
@@ -82,7 +82,7 @@ class SimResult:
         return None if self.energy_pj_per_stage is None else sum(self.energy_pj_per_stage)
 
     def to_row(self, wop_makespan: Number | None = None) -> dict[str, Any]:
-        """The ``simulate --json`` row (DESIGN.md §6 keys plus extras)."""
+        """The ``simulate --json`` row (docs/design.md §6 keys plus extras)."""
         sched = self.schedule
         speedup = None
         if wop_makespan is not None and self.makespan:

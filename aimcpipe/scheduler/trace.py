@@ -7,7 +7,7 @@ simulated schedule and one thread (track) per stage, named by ``process_name`` /
 
 **Time unit: cycles written as microseconds** (the format's ``ts``/``dur`` unit): 1 µs in
 the viewer is 1 cycle. ``otherData.time_unit`` says so inside the file. Runs of the real
-runtime use real microseconds (DESIGN.md §5); simulations use cycles.
+runtime use real microseconds (docs/design.md §5); simulations use cycles.
 """
 
 from __future__ import annotations

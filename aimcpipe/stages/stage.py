@@ -1,6 +1,6 @@
 """A pipeline stage: a contiguous run of model blocks with its tiles, stashes and versions.
 
-A ``Stage`` executes the three actions of DESIGN.md §4 for any micro-batch, in whatever
+A ``Stage`` executes the three actions of docs/design.md §4 for any micro-batch, in whatever
 order its schedule gives:
 
 * ``forward(n, x)`` runs the blocks and keeps the autograd graph (the *activation stash*)
@@ -46,7 +46,7 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass
 class StageCounters:
-    """What a stage observed while executing its actions (DESIGN.md §5 metrics)."""
+    """What a stage observed while executing its actions (docs/design.md §5 metrics)."""
 
     staleness_histogram: dict[int, int] = field(default_factory=dict)
     peak_stash: int = 0

@@ -1,4 +1,4 @@
-"""Device responses against the equations of DESIGN.md §3."""
+"""Device responses against the equations of docs/design.md §3."""
 
 import pytest
 import torch

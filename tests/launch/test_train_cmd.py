@@ -1,4 +1,4 @@
-"""``aimcpipe train``: the CLI contract of DESIGN.md §6.
+"""``aimcpipe train``: the CLI contract of docs/design.md §6.
 
 The run directory and its files, ``--json`` and the flags that override the config, one-line
 errors with exit status 2 and no run directory, exact resume, and a user model by import path.

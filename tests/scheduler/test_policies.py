@@ -1,4 +1,4 @@
-"""Built-in policies produce exactly the action lists DESIGN.md §4 describes."""
+"""Built-in policies produce exactly the action lists docs/design.md §4 describes."""
 
 import pytest
 
@@ -49,7 +49,7 @@ def test_gpipe_all_forwards_then_all_backwards() -> None:
 
 
 def test_async_with_one_stage_equals_wop_with_one_microbatch_per_minibatch() -> None:
-    # DESIGN.md §4 numerical fact, at the level of action lists
+    # docs/design.md §4 numerical fact, at the level of action lists
     a = build_schedule("async", 1, 5, 1)
     w = build_schedule("wop", 1, 1, 5)
     assert a.stages == w.stages

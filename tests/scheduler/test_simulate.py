@@ -1,4 +1,4 @@
-"""The cycle simulator against DESIGN.md §4's closed forms and hand-derived timelines."""
+"""The cycle simulator against docs/design.md §4's closed forms and hand-derived timelines."""
 
 import pytest
 
@@ -18,7 +18,7 @@ FB_COSTS = [(1, 1), (1, 2), (2, 1)]
 
 
 def closed_form(policy: str, s: int, bm: int, k: int, t: int) -> int:
-    """DESIGN.md §4 with U = 0 and no latency."""
+    """docs/design.md §4 with U = 0 and no latency."""
     return {
         "wop": k * bm * s * t,
         "sync-1f1b": k * (bm + s - 1) * t,

@@ -1,4 +1,4 @@
-"""Stage + interpreter on the in-process transport: the numerical facts of DESIGN.md §4."""
+"""Stage + interpreter on the in-process transport: the numerical facts of docs/design.md §4."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What every backend does for the central scheduler (DESIGN §5, "Backend").
+"""What every backend does for the central scheduler (docs/design.md §5, "Backend").
 
 A backend starts the stage workers (:class:`~aimcpipe.runtime.worker.StageWorker`), places
 the data on them, runs epoch plans and evaluation passes on them, gathers their reports and
@@ -74,6 +74,10 @@ class Backend(ABC):
     @abstractmethod
     def model_states(self) -> list[dict[str, Any]]:
         """Every stage's blocks' state_dict, keyed as in the whole model."""
+
+    def clocks(self) -> dict[str, Any]:
+        """How the stages' clocks map onto the scheduler's (for the trace)."""
+        return {"method": "one process: one clock"}
 
     @abstractmethod
     def close(self) -> None:
