@@ -1,5 +1,6 @@
 # Two entry points for a fresh machine with only Python 3.11 and pip:
-#   make run   - set up .venv and run the main job on the embedded default (digits pipeline)
+#   make run   - set up .venv and run the main job on the embedded default (digits pipeline,
+#                one process per stage on this machine)
 #   make test  - set up .venv, lint, run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/aimcpipe train configs/digits-analog.yaml --out runs/digits --force
+	$(BIN)/aimcpipe train configs/digits-analog.yaml --backend torch --out runs/digits --force
 
 lsq: $(STAMP)
 	$(BIN)/aimcpipe lsq --out runs/lsq --force

@@ -8,6 +8,7 @@ stage process sends itself SIGKILL, blocks forever, or raises at a chosen action
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -178,3 +179,29 @@ def test_an_exception_in_a_stage_process_is_reported_by_stage(digits, monkeypatc
         pipe.fit(digits[0].subset(torch.arange(32)), epochs=1)
     with pytest.raises(StageFailure, match=r"stopped after a failure \(stage 1"):
         pipe.evaluate(digits[1])  # stages left mid-schedule are not used again by accident
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_stage_process_and_says_how_to_resume(tmp_path):
+    run = tmp_path / "run"
+    sets = [arg for o in [*SMALL[:2], "epochs=200", "checkpoint_every=1"] for arg in ("--set", o)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aimcpipe", "train", CONFIG, "--backend", "torch", "--out",
+         str(run), "--no-progress", *sets],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoint.pt").exists() and proc.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint within 2 minutes"
+        time.sleep(0.05)
+    spawned = _spawned_by(proc.pid)
+    assert len(spawned) == 3
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1] == (
+        f"aimcpipe train: interrupted; continue with: aimcpipe train --resume {run}"
+    )
+    assert not _wait_gone(spawned)
+    assert not (run / "metrics.json").exists()
