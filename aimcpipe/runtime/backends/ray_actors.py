@@ -24,8 +24,7 @@ from typing import Any
 
 from aimcpipe.errors import ConfigError, StageFailure
 from aimcpipe.runtime.backends.remote import Answer, Handle, RemoteBackend, store_progress
-from aimcpipe.runtime.faults import fault_from_env
-from aimcpipe.runtime.host import HostSettings, StageHost, error_info, process_info
+from aimcpipe.runtime.host import StageHost, error_info, process_info
 from aimcpipe.runtime.options import RayOptions, RuntimeOptions
 from aimcpipe.runtime.rendezvous import address_towards, connect_store, host_store
 
@@ -217,26 +216,7 @@ class RayBackend(RemoteBackend):
         for h, info in zip(self.handles, infos, strict=True):
             # a stage owns its GPU only with a whole one; Ray shows each actor its own devices
             h.info = {**info, "local_world_size": 1 if ropts.num_gpus >= 1 else 1 << 30}
-        from aimcpipe.runtime.backends.torch_dist import decide_dist_backend
-
-        backend = decide_dist_backend(
-            options.dist_backend, options.device, [h.info for h in self.handles]
-        )
-        fault = fault_from_env()
-        settings = [
-            HostSettings(
-                stage=s,
-                num_stages=num_stages,
-                prefix=prefix,
-                dist_backend=backend,
-                device=options.device,
-                threads=options.threads,
-                timeout_s=options.timeout_s,
-                fault=fault,
-            )
-            for s in range(num_stages)
-        ]
-        self._call_all("init", [(st,) for st in settings])
+        self._init_hosts(prefix, [h.info for h in self.handles])
 
     def _stop(self) -> None:
         self._server = None

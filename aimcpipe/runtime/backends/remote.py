@@ -22,16 +22,17 @@ from bisect import bisect_right
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from aimcpipe.errors import StageFailure
+from aimcpipe.errors import ConfigError, StageFailure
 from aimcpipe.runtime.backends.base import Backend, Progress
 from aimcpipe.runtime.clock import estimate_offset, same_clock
-from aimcpipe.runtime.host import process_info
+from aimcpipe.runtime.faults import fault_from_env
+from aimcpipe.runtime.host import HostSettings, process_info
 from aimcpipe.runtime.plan import EpochPlan, EvalPlan, EvalResult, StageReport, StageSpec
 from aimcpipe.runtime.rendezvous import Store
 from aimcpipe.runtime.worker import data_for_stage
 from aimcpipe.scheduler import BACKWARD
 
-__all__ = ["Call", "Handle", "RemoteBackend", "diagnose"]
+__all__ = ["Call", "Handle", "RemoteBackend", "decide_dist_backend", "diagnose"]
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,21 @@ def diagnose(
     return str(failures[first]["message"])
 
 
+def decide_dist_backend(option: str, device: str, infos: list[dict[str, Any]]) -> str:
+    """gloo or nccl for every channel: nccl only when every stage has a GPU of its own."""
+    own_gpu = device != "cpu" and all(
+        i["cuda"] > 0 and i["local_world_size"] <= i["cuda"] for i in infos
+    )
+    if option == "nccl" and not own_gpu:
+        raise ConfigError(
+            "runtime.dist_backend: nccl needs a GPU of its own for every stage "
+            f"(GPUs per stage process: {[i['cuda'] for i in infos]}); use gloo or auto"
+        )
+    if option == "auto":
+        return "nccl" if own_gpu else "gloo"
+    return option
+
+
 class RemoteBackend(Backend):
     """A backend whose stages are :class:`Handle`\\ s; subclasses start them."""
 
@@ -142,6 +158,28 @@ class RemoteBackend(Backend):
 
     def _stop(self) -> None:
         """Release what :meth:`_launch` acquired besides the handles (stores, clusters)."""
+
+    def _init_hosts(self, prefix: str, infos: list[dict[str, Any]]) -> None:
+        """Decide for all stages (channel backend, settings) and build every stage host."""
+        options = self.options
+        backend = decide_dist_backend(options.dist_backend, options.device, infos)
+        fault = fault_from_env()
+        settings = [
+            HostSettings(
+                stage=s,
+                num_stages=len(infos),
+                prefix=prefix,
+                dist_backend=backend,
+                device=options.device,
+                threads=options.threads,
+                timeout_s=options.timeout_s,
+                local_rank=info.get("local_rank", 0),
+                fault=fault,
+            )
+            for s, info in enumerate(infos)
+        ]
+        self._call_all("init", [(st,) for st in settings])
+        log.debug("%s backend: %d stages, channels over %s", self.name, len(infos), backend)
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self, specs: list[StageSpec]) -> None:

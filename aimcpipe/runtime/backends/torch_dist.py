@@ -39,8 +39,7 @@ import torch.distributed as dist
 
 from aimcpipe.errors import ConfigError, StageFailure
 from aimcpipe.runtime.backends.remote import Answer, Handle, RemoteBackend, store_progress
-from aimcpipe.runtime.faults import fault_from_env
-from aimcpipe.runtime.host import HostSettings, StageHost, error_info, process_info
+from aimcpipe.runtime.host import StageHost, error_info, process_info
 from aimcpipe.runtime.rendezvous import (
     address_towards,
     connect_store,
@@ -53,7 +52,6 @@ from aimcpipe.runtime.rendezvous import (
 __all__ = [
     "TorchBackend",
     "World",
-    "decide_dist_backend",
     "release_world",
     "serve",
     "serve_from_env",
@@ -111,21 +109,6 @@ class World:
             store, _ = host_store(self.master_addr, timeout_s, port=self.master_port)
             return store
         return connect_store(self.master_addr, self.master_port, timeout_s)
-
-
-def decide_dist_backend(option: str, device: str, infos: list[dict[str, Any]]) -> str:
-    """gloo or nccl for every channel: nccl only when every stage has a GPU of its own."""
-    own_gpu = device != "cpu" and all(
-        i["cuda"] > 0 and i["local_world_size"] <= i["cuda"] for i in infos
-    )
-    if option == "nccl" and not own_gpu:
-        raise ConfigError(
-            "runtime.dist_backend: nccl needs a GPU of its own for every stage "
-            f"(GPUs per stage process: {[i['cuda'] for i in infos]}); use gloo or auto"
-        )
-    if option == "auto":
-        return "nccl" if own_gpu else "gloo"
-    return option
 
 
 # -- the scheduler's side ------------------------------------------------------------------
@@ -290,7 +273,6 @@ class TorchBackend(RemoteBackend):
             infos = [process_info(*local)] + [
                 self._info(s, processes[s]) for s in range(1, num_stages)
             ]
-            backend = decide_dist_backend(options.dist_backend, options.device, infos)
             address = address_towards(master)
             self.handles = [InlineHandle(connect_store(master, port, options.timeout_s), address)]
             self.handles += [
@@ -310,23 +292,7 @@ class TorchBackend(RemoteBackend):
                     p.kill()
             self._stop()
             raise
-        fault = fault_from_env()
-        settings = [
-            HostSettings(
-                stage=s,
-                num_stages=num_stages,
-                prefix=prefix,
-                dist_backend=backend,
-                device=options.device,
-                threads=options.threads,
-                timeout_s=options.timeout_s,
-                local_rank=infos[s]["local_rank"],
-                fault=fault,
-            )
-            for s in range(num_stages)
-        ]
-        self._call_all("init", [(st,) for st in settings])
-        log.debug("torch backend: %d ranks, channels over %s", num_stages, backend)
+        self._init_hosts(prefix, infos)
 
     def _info(self, s: int, process: subprocess.Popen[bytes] | None) -> dict[str, Any]:
         """Rank ``s``'s process info, as soon as it has connected."""

@@ -1,0 +1,67 @@
+"""The scheduler's decisions for stages in other processes: the channel backend, and which
+stage a failure is blamed on."""
+
+from __future__ import annotations
+
+import pytest
+
+from aimcpipe.errors import ConfigError
+from aimcpipe.runtime.backends.remote import decide_dist_backend, diagnose
+
+
+def _info(cuda: int, local_world_size: int = 1) -> dict:
+    return {"cuda": cuda, "local_world_size": local_world_size}
+
+
+@pytest.mark.parametrize(
+    ("option", "device", "infos", "want"),
+    [
+        ("auto", "auto", [_info(0), _info(0)], "gloo"),
+        ("auto", "auto", [_info(2, 2), _info(2, 2)], "nccl"),  # a GPU each
+        ("auto", "auto", [_info(1, 2), _info(1, 2)], "gloo"),  # two stages share one GPU
+        ("auto", "cpu", [_info(2, 2), _info(2, 2)], "gloo"),
+        ("gloo", "auto", [_info(2, 2), _info(2, 2)], "gloo"),
+        ("nccl", "auto", [_info(1), _info(1)], "nccl"),
+    ],
+)
+def test_nccl_only_when_every_stage_has_a_gpu_of_its_own(option, device, infos, want):
+    assert decide_dist_backend(option, device, infos) == want
+
+
+def test_nccl_without_a_gpu_per_stage_is_one_line():
+    with pytest.raises(ConfigError, match=r"^runtime\.dist_backend: nccl needs a GPU"):
+        decide_dist_backend("nccl", "auto", [_info(1), _info(0)])
+
+
+SEEN = {2: {"epoch": 1, "done": 5, "total": 24, "at": "2B1"}}
+
+
+def _f(kind: str, peer: int | None = None, at: float = 0.0, message: str = "") -> dict:
+    return {"kind": kind, "peer": peer, "at": at, "message": message}
+
+
+@pytest.mark.parametrize(
+    ("failures", "want"),
+    [
+        # a dead stage beats everything it caused
+        ({1: _f("lost", 2), 2: _f("died", message="was killed by SIGKILL"), 3: _f("lost", 2)},
+         "stage 2 was killed by SIGKILL; it was last seen at its action 2B1 (6 of 24 in epoch 2)"),
+        # a stage that raised beats the timeouts of its neighbours
+        ({0: _f("timeout", 1, at=1.0), 1: _f("error", message="stage 1: 1F3 failed: boom")},
+         "stage 1: 1F3 failed: boom"),
+        # a stage others waited for, silent itself, made no progress
+        ({1: _f("timeout", 2, at=1.0), 3: _f("timeout", 2, at=0.5)},
+         "stage 2 made no progress for 60 s; it was last seen at its action 2B1 (6 of 24 in "
+         "epoch 2)"),
+        # under torchrun nobody sees the process end: its neighbours lose it
+        ({1: _f("lost", 2), 3: _f("lost", 2)},
+         "stage 2 was lost (its process died or its connection broke); it was last seen at its "
+         "action 2B1 (6 of 24 in epoch 2)"),
+        # a timeout blaming a stage that itself timed out points further along
+        ({0: _f("timeout", 1), 1: _f("timeout", 2)}, "stage 2 made no progress for 60 s; it was "
+         "last seen at its action 2B1 (6 of 24 in epoch 2)"),
+        ({3: _f("stalled")}, "stage 3 made no progress for 60 s"),
+    ],
+)  # fmt: skip
+def test_a_failure_is_blamed_on_where_it_started(failures, want):
+    assert diagnose(failures, SEEN, 60.0) == want
