@@ -41,7 +41,6 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
@@ -167,7 +166,7 @@ class _Pair:
 
 class _Inbound:
     """The receiving end of one channel: how many messages the phase still expects, and the
-    header receive posted for the next one."""
+    receive posted for the next one."""
 
     def __init__(self, src: int, pair: _Pair, capacity: int) -> None:
         self.src = src
@@ -184,12 +183,13 @@ class Channels:
     ``store`` is shared by all stages (``prefix`` namespaces it); ``host`` is the address
     this process's sockets bind to; ``device`` is where received tensors go.
 
-    Sends are posted (gloo works on them in its own threads) and waited for only at the end
-    of the phase; for each incoming channel the header of the next expected message is
-    always posted. The stage's own thread takes messages in the order they come and keeps
-    those it does not need yet in a mailbox, so a stage only ever waits for what its next
-    action needs. With emulated latency, one sender thread per outgoing channel holds each
-    message for its time in flight.
+    Sends are posted and the stage moves on; one thread per outgoing channel waits for them
+    in order (releasing each buffer once its message has been taken, and failing the channel
+    if the neighbour takes nothing for ``timeout_s``). For each incoming channel the receive
+    of the next expected message is always posted; the stage's own thread takes messages in
+    the order they come and keeps those it does not need yet in a mailbox, so it only ever
+    waits for what its next action needs. With emulated latency, one more thread per outgoing
+    channel holds each message for its time in flight before posting it.
     """
 
     def __init__(
@@ -232,13 +232,16 @@ class Channels:
                     self._in[src] = _Inbound(src, pair, first)
         self._box: dict[Key, Any] = {}
         self._capacity = dict.fromkeys(self._out, first)  # what the receiver has posted
-        self._sending: dict[int, deque[tuple[list[Any], tuple[Any, ...]]]] = {
-            dst: deque() for dst in self._out
-        }
-        self._lock = threading.Lock()  # guards _sending and _error (sender threads)
         self._error: BaseException | None = None
-        self._queues: dict[int, queue.Queue[Any]] = {}
-        self._senders: dict[int, threading.Thread] = {}
+        self._lock = threading.Lock()  # guards _error
+        self._posted = {dst: self._thread(self._reap, dst, "sent") for dst in self._out}
+        self._delayed: dict[int, queue.Queue[Any]] = {}
+
+    def _thread(self, target: Any, dst: int, what: str) -> queue.Queue[Any]:
+        q: queue.Queue[Any] = queue.Queue()
+        name = f"{what} {self.stage}>{dst}"
+        threading.Thread(target=target, args=(dst, q), name=name, daemon=True).start()
+        return q
 
     # -- the transport protocol ----------------------------------------------------------------
     def begin(self, expect: Mapping[int, int], latency_s: float = 0.0) -> None:
@@ -250,20 +253,16 @@ class Channels:
                 continue
             inbound = self._in[src]
             inbound.remaining = count
-            self._post_header(inbound)
+            self._post_receive(inbound)
 
     def end(self) -> None:
-        """End a phase: every expected message received, every send delivered."""
-        deadline = time.monotonic() + self.timeout.total_seconds()
-        for q in self._queues.values():
-            while q.unfinished_tasks and self._error is None and time.monotonic() < deadline:
-                time.sleep(0.0005)
+        """End a phase: every expected message received, every send taken by its peer
+        (each waited for at most ``timeout_s`` after the one before it)."""
+        for q in self._delayed.values():
+            q.join()
+        for q in self._posted.values():
+            q.join()
         self._raise_if_failed()
-        for dst, sending in self._sending.items():
-            while sending:
-                works, _ = sending.popleft()
-                for work in works:
-                    self._wait(work, dst, deadline, "take a message")
         late = {i.src: i.remaining for i in self._in.values() if i.remaining}
         if late:
             raise StageFailure(
@@ -287,7 +286,9 @@ class Channels:
             tensor = tensor.contiguous()
             self.bytes_sent[src] += tensor.numel() * tensor.element_size()
         if self.latency_s:
-            self._delayed(dst).put((kind, n, tensor, time.monotonic() + self.latency_s))
+            if dst not in self._delayed:
+                self._delayed[dst] = self._thread(self._send_later, dst, "in flight")
+            self._delayed[dst].put((kind, n, tensor, time.monotonic() + self.latency_s))
         else:
             self._post(dst, kind, n, tensor)
 
@@ -313,6 +314,9 @@ class Channels:
         return payload
 
     # -- the wire ----------------------------------------------------------------------------------
+    def _on_device(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device) if self.backend == "nccl" else t
+
     def _post(self, dst: int, kind: str, n: int, tensor: torch.Tensor | None) -> None:
         """Post one message: header and payload packed into one transfer when they fit the
         receive buffer the peer has posted, else the header and then the payload."""
@@ -321,35 +325,53 @@ class Channels:
         together = HEADER_BYTES + nbytes <= self._capacity[dst]
         header = _header(kind, n, tensor, separate=not together)
         if tensor is None:
-            parts = [header]
+            parts = [self._on_device(header)]
         elif together:
             packed = torch.empty(HEADER_BYTES + nbytes, dtype=torch.uint8)
             packed[:HEADER_BYTES] = header.view(torch.uint8)
             packed[HEADER_BYTES:] = tensor.reshape(-1).view(torch.uint8)
             parts = [packed]
         else:
-            parts = [header.to(self.device) if self.backend == "nccl" else header, tensor]
+            parts = [self._on_device(header), tensor]
             self._capacity[dst] = _grown(self._capacity[dst], nbytes, self.backend)
-        works = [pair.pg.send([part], pair.peer, 0) for part in parts]
-        with self._lock:
-            sending = self._sending[dst]
-            sending.append((works, tuple(parts)))  # keep the buffers alive until sent
-            while sending and all(w.is_completed() for w in sending[0][0]):
-                sending.popleft()
+        try:
+            works = [pair.pg.send([part], pair.peer, 0) for part in parts]
+        except Exception as exc:
+            raise self._failed(exc, dst, "take a message", 0.0) from None
+        self._posted[dst].put(works)  # the works hold their buffers until they complete
 
-    def _post_header(self, inbound: _Inbound) -> None:
+    def _reap(self, dst: int, q: queue.Queue[Any]) -> None:
+        """Wait for this channel's sends in order, so their buffers go as soon as taken."""
+        while True:
+            works = q.get()
+            try:
+                if works is None:
+                    return
+                for work in works:
+                    if self._error is None:
+                        self._wait(work, dst, time.monotonic() + self.timeout.total_seconds(),
+                                   "take a message")  # fmt: skip
+            except StageFailure:
+                pass  # recorded for the stage's thread by _wait
+            finally:
+                q.task_done()
+
+    def _post_receive(self, inbound: _Inbound) -> None:
         """Post the receive of the next message (its header, and its payload if it fits)."""
         if self.backend == "nccl":
             inbound.buffer = torch.empty(HEADER, dtype=torch.int64, device=self.device)
         else:
             inbound.buffer = torch.empty(inbound.capacity, dtype=torch.uint8)
-        inbound.work = inbound.pair.pg.recv([inbound.buffer], inbound.pair.peer, 0)
+        try:
+            inbound.work = inbound.pair.pg.recv([inbound.buffer], inbound.pair.peer, 0)
+        except Exception as exc:
+            raise self._failed(exc, inbound.src, "send its next message", 0.0) from None
 
     def _take(
         self, inbound: _Inbound, deadline: float, wanted: tuple[str, int]
     ) -> tuple[str, int, Any]:
-        """Wait for the next message of ``inbound``'s channel and post the header receive of
-        the one after it."""
+        """Wait for the next message of ``inbound``'s channel and post the receive of the
+        one after it."""
         what = f"send its {wanted[0]} of micro-batch {wanted[1]}"
         self._wait(inbound.work, inbound.src, deadline, what)
         buffer = inbound.buffer
@@ -362,17 +384,22 @@ class Channels:
         if flags & SEPARATE:
             device = self.device if self.backend == "nccl" else torch.device("cpu")
             payload = torch.empty(shape, dtype=dtype, device=device)
-            work = inbound.pair.pg.recv([payload], inbound.pair.peer, 0)
+            try:
+                work = inbound.pair.pg.recv([payload], inbound.pair.peer, 0)
+            except Exception as exc:
+                raise self._failed(exc, inbound.src, what, 0.0) from None
             self._wait(work, inbound.src, deadline, what)
             nbytes = payload.numel() * payload.element_size()
             inbound.capacity = _grown(inbound.capacity, nbytes, self.backend)
         elif not flags & NONE:
             nbytes = torch.Size(shape).numel() * dtype.itemsize
             payload = buffer[HEADER_BYTES : HEADER_BYTES + nbytes].view(dtype).reshape(shape)
+            if 2 * nbytes < buffer.numel():  # a stage may keep it: not the whole buffer
+                payload = payload.clone()
         inbound.remaining -= 1
         inbound.work = inbound.buffer = None
         if inbound.remaining > 0:
-            self._post_header(inbound)
+            self._post_receive(inbound)
         return kind, n, payload
 
     def _wait(self, work: Any, peer: int, deadline: float, what: str) -> None:
@@ -380,15 +407,16 @@ class Channels:
         try:
             work.wait(timedelta(seconds=max(left, 0.001)))
         except Exception as exc:
-            error = self._wrap(exc, peer, what, left)
-            self._fail(error)
-            raise error from None
+            raise self._failed(exc, peer, what, left) from None
 
     # -- failures ----------------------------------------------------------------------------------
-    def _fail(self, exc: BaseException) -> None:
+    def _failed(self, exc: BaseException, peer: int, what: str, waited: float) -> StageFailure:
+        """Record the channel's first failure (so every later call raises it) and return it."""
+        error = self._wrap(exc, peer, what, waited)
         with self._lock:
             if self._error is None:
-                self._error = exc
+                self._error = error
+        return error
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -407,18 +435,6 @@ class Channels:
         return StageFailure(f"stage {self.stage}: channel to stage {peer} failed: {exc}")
 
     # -- emulated latency --------------------------------------------------------------------------
-    def _delayed(self, dst: int) -> queue.Queue[Any]:
-        if dst not in self._queues:
-            q: queue.Queue[Any] = queue.Queue()
-            t = threading.Thread(
-                target=self._send_later, args=(dst, q), name=f"send {self.stage}>{dst}",
-                daemon=True,
-            )  # fmt: skip
-            self._queues[dst] = q
-            self._senders[dst] = t
-            t.start()
-        return self._queues[dst]
-
     def _send_later(self, dst: int, q: queue.Queue[Any]) -> None:
         while True:
             item = q.get()
@@ -430,14 +446,12 @@ class Channels:
                     time.sleep(left)
                 if self._error is None:
                     self._post(dst, kind, n, tensor)
-            except Exception as exc:
-                self._fail(self._wrap(exc, dst, "take a message", 0.0))
+            except StageFailure:
+                pass  # recorded by _post
             finally:
                 q.task_done()
 
     def close(self) -> None:
-        """Stop the sender threads (messages not yet sent are dropped)."""
-        for q in self._queues.values():
+        """Stop the threads (messages not yet sent are dropped)."""
+        for q in [*self._delayed.values(), *self._posted.values()]:
             q.put(None)
-        for t in self._senders.values():
-            t.join(timeout=1.0)

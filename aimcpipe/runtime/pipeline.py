@@ -50,7 +50,14 @@ from aimcpipe.runtime.lr import LRSchedule
 from aimcpipe.runtime.metrics import EpochResult, RunMetrics
 from aimcpipe.runtime.options import BACKENDS, DeviceTime, RayOptions, RuntimeOptions
 from aimcpipe.runtime.plan import EpochPlan, EvalPlan, StageReport, StageSpec, shifted
-from aimcpipe.scheduler import POLICIES, CostModel, Schedule, build_schedule, simulate
+from aimcpipe.scheduler import (
+    POLICIES,
+    CostModel,
+    Schedule,
+    build_schedule,
+    longest_wait,
+    simulate,
+)
 from aimcpipe.stages.blocks import pipeline_blocks
 from aimcpipe.stages.partition import Partition
 from aimcpipe.stages.partition import partition as make_partition
@@ -323,6 +330,21 @@ class Pipeline:
             )
         return k
 
+    def _check_waits(self, minibatches: int) -> None:
+        """With emulated device time the schedule says how long a stage will wait for a
+        message; a timeout shorter than that would stop a healthy run, so refuse it now."""
+        if not self.cycle_s or self.backend_name == "local":
+            return
+        wait, action = longest_wait(simulate(self.schedule_for(minibatches), self.costs))
+        wait_s = wait * self.cycle_s
+        if 1.2 * wait_s + 1.0 > self.runtime.timeout_s:
+            raise ConfigError(
+                f"runtime.timeout_s: with device_time.cycle_s {self.cycle_s:g} a stage of this "
+                f"schedule waits {wait_s:.3g} s (for {action}), too close to the timeout of "
+                f"{self.runtime.timeout_s:g} s; raise runtime.timeout_s above "
+                f"{1.2 * wait_s + 1.0:.3g} s or lower device_time.cycle_s"
+            )
+
     def plan(self, data: Dataset, epoch: int) -> EpochPlan:
         """Epoch ``epoch``'s plan over ``data`` (placed on the stages)."""
         return EpochPlan(
@@ -455,7 +477,7 @@ class Pipeline:
             raise ConfigError(f"train: must be a Dataset, got {type(train).__name__}")
         if test is not None and not isinstance(test, Dataset):
             raise ConfigError(f"test: must be a Dataset or None, got {type(test).__name__}")
-        self._minibatches(train)  # fail before any work if the data cannot fill a mini-batch
+        self._check_waits(self._minibatches(train))  # fail before any work if it cannot run
         if self.out is not None:
             self._check_out()
         if self.epoch < epochs:

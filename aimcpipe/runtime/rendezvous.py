@@ -28,6 +28,7 @@ from aimcpipe.errors import StageFailure
 __all__ = [
     "CHUNK",
     "Store",
+    "Unreadable",
     "address_towards",
     "connect_store",
     "host_store",
@@ -83,9 +84,19 @@ def _dumps(obj: Any) -> bytes:
     return buf.getvalue()
 
 
+class Unreadable(Exception):
+    """An object in the store could not be rebuilt here (a class this process cannot import,
+    a device it does not have)."""
+
+
 def _loads(data: bytes) -> Any:
-    # our own processes wrote it (modules, specs, reports): not weights_only
-    return torch.load(io.BytesIO(data), weights_only=False)
+    # Our own processes wrote it (modules, specs, plans, reports), so it is not loaded with
+    # weights_only. The store has no authentication: whoever can reach it can run code in
+    # every stage process, which is why it listens on loopback unless told otherwise.
+    try:
+        return torch.load(io.BytesIO(data), weights_only=False, map_location="cpu")
+    except Exception as exc:
+        raise Unreadable(f"{type(exc).__name__}: {exc}") from exc
 
 
 def put_obj(store: Store, key: str, obj: Any) -> None:

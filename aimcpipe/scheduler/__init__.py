@@ -31,7 +31,7 @@ from aimcpipe.scheduler.actions import (
 from aimcpipe.scheduler.costs import CostModel, HardwareModel, parse_cost_spec, parse_energy_spec
 from aimcpipe.scheduler.metrics import OrderMetrics, order_metrics
 from aimcpipe.scheduler.policies import POLICIES, build_schedule
-from aimcpipe.scheduler.simulate import SimResult, simulate, sweep, wop_baseline
+from aimcpipe.scheduler.simulate import SimResult, longest_wait, simulate, sweep, wop_baseline
 from aimcpipe.scheduler.validate import DeadlockError, validate
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "build_schedule",
     "dependency",
     "forward",
+    "longest_wait",
     "order_metrics",
     "parse_action",
     "parse_cost_spec",

@@ -19,13 +19,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from aimcpipe.scheduler.actions import BACKWARD, FORWARD, Schedule
+from aimcpipe.scheduler.actions import BACKWARD, FORWARD, Action, Schedule, dependency
 from aimcpipe.scheduler.costs import CostModel, HardwareModel
 from aimcpipe.scheduler.metrics import OrderMetrics, order_metrics
 from aimcpipe.scheduler.policies import build_schedule
 from aimcpipe.scheduler.validate import check_structure, deadlock_error
 
-__all__ = ["SimResult", "simulate", "sweep", "wop_baseline"]
+__all__ = ["SimResult", "longest_wait", "simulate", "sweep", "wop_baseline"]
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +264,27 @@ def _timeline(
         remaining -= progress
         sweep += 1
     return starts, ends
+
+
+def longest_wait(result: SimResult) -> tuple[Number, Action | None]:
+    """The longest time (cycles) a stage sits waiting in ``result``'s timeline — idle before
+    an action, or a message sent before the stage that needs it takes it — and the action
+    waited for. A runtime whose waits time out must allow at least this."""
+    sched = result.schedule
+    ends = {
+        (a.kind, s, a.microbatches): e
+        for s, acts in enumerate(sched.stages)
+        for a, e in zip(acts, result.ends[s], strict=True)
+    }
+    best: tuple[Number, Action | None] = (0, None)
+    for s, acts in enumerate(sched.stages):
+        for i, (a, start) in enumerate(zip(acts, result.starts[s], strict=True)):
+            idle = start - (result.ends[s][i - 1] if i else 0)
+            dep = dependency(a, sched.num_stages)
+            queued = start - ends[dep.kind, dep.stage, dep.microbatches] if dep else 0
+            if max(idle, queued) > best[0]:
+                best = (max(idle, queued), a)
+    return best
 
 
 def wop_baseline(schedule: Schedule, costs: CostModel | None = None) -> SimResult:

@@ -269,6 +269,10 @@ BAD_SETTINGS = [
     (["--set", "ray.num_gpus=x"], ["ray.num_gpus", "number"]),
     (["--ray-address", ""], ["--ray-address", "cluster address"]),
     (["--set", "ray.address=3"], ["ray.address", "str"]),
+    (
+        ["--backend", "torch", "--policy", "gpipe", "--cycle-s", "10"],
+        ["runtime.timeout_s", "device_time.cycle_s", "waits 60 s"],
+    ),
 ]
 
 

@@ -143,9 +143,9 @@ def test_a_neighbour_that_dies_is_reported_as_lost_at_once():
     store, port = host_store("127.0.0.1", 30.0)
     peer = subprocess.Popen([sys.executable, "-c", PEER, str(port)])
     chans = Channels(store, 0, 2, prefix="t", timeout_s=30.0)
-    chans.begin({1: 1})
     started = time.monotonic()
-    with pytest.raises(PeerLost, match="lost stage 1 while it had to send its gradient") as info:
+    with pytest.raises(PeerLost, match="lost stage 1 while it had to send its") as info:
+        chans.begin({1: 1})  # posting the receive may already find the pair broken
         chans.recv(("gradient", 0, 1, 0), 30.0)
     assert info.value.peer == 1
     assert time.monotonic() - started < 20.0  # the connection closed: no timeout waited out

@@ -65,3 +65,13 @@ def _f(kind: str, peer: int | None = None, at: float = 0.0, message: str = "") -
 )  # fmt: skip
 def test_a_failure_is_blamed_on_where_it_started(failures, want):
     assert diagnose(failures, SEEN, 60.0) == want
+
+
+def test_a_wait_longer_than_the_timeout_on_a_working_stage_says_to_raise_the_timeout():
+    failures = {0: _f("timeout", 1)}
+    got = diagnose(failures, SEEN | {1: {"epoch": 0, "done": 3, "total": 9, "at": "1F2"}}, 60.0,
+                   working={1})  # fmt: skip
+    assert got == (
+        "stage 0 waited 60 s for stage 1, which was still working; it was last seen at its "
+        "action 1F2 (4 of 9 in epoch 1); raise runtime.timeout_s if one wait can last that long"
+    )

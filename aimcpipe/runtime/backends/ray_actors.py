@@ -157,7 +157,7 @@ class ActorHandle(Handle):
     def progress(self) -> dict[str, Any] | None:
         return store_progress(self.store, f"{self.prefix}/hb/{self.stage}")
 
-    def kill(self) -> None:
+    def kill(self, deadline: float = 0.0) -> None:
         with contextlib.suppress(Exception):
             self.ray.kill(self.actor, no_restart=True)
 

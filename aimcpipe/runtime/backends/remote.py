@@ -62,9 +62,12 @@ class Handle(ABC):
         """How the host's process ended (``"was killed by SIGKILL"``), if it did."""
         return None
 
+    def request_stop(self) -> None:  # noqa: B027 - most hosts have nothing to ask
+        """Ask the host to leave (without waiting)."""
+
     @abstractmethod
-    def kill(self) -> None:
-        """Stop the host at once (idempotent)."""
+    def kill(self, deadline: float = 0.0) -> None:
+        """Stop the host, by force after ``deadline`` (``time.monotonic``; idempotent)."""
 
 
 def store_progress(store: Store, key: str) -> dict[str, Any] | None:
@@ -100,8 +103,11 @@ def diagnose(
     failures: dict[int, dict[str, Any]],
     progress: dict[int, dict[str, Any] | None],
     timeout_s: float,
+    working: set[int] | frozenset[int] = frozenset(),
 ) -> str:
-    """One line naming where a failure started (see the module docstring)."""
+    """One line naming where a failure started (see the module docstring). ``working``:
+    stages whose progress changed within the last ``timeout_s`` (a stage others waited for
+    that was still working did not hang: the wait was longer than the timeout allows)."""
     by_kind: dict[str, list[int]] = {}
     for s in sorted(failures, key=lambda s: (failures[s].get("at", 0.0), s)):
         by_kind.setdefault(failures[s]["kind"], []).append(s)
@@ -115,6 +121,12 @@ def diagnose(
         for s in by_kind.get(kind, []):
             peer = failures[s].get("peer")
             if peer is not None and failures.get(peer, {}).get("kind") not in ("lost", "timeout"):
+                if kind == "timeout" and peer in working:
+                    return (
+                        f"stage {s} waited {timeout_s:g} s for stage {peer}, which was still "
+                        f"working{_where(progress.get(peer))}; raise runtime.timeout_s if one "
+                        "wait can last that long"
+                    )
                 return f"stage {peer} {says}{_where(progress.get(peer))}"
     if "stalled" in by_kind:
         s = by_kind["stalled"][0]
@@ -216,7 +228,10 @@ class RemoteBackend(Backend):
 
     def close(self) -> None:
         for h in self.handles:
-            h.kill()
+            h.request_stop()
+        deadline = time.monotonic() + 2.0  # one grace period for all, then by force
+        for h in self.handles:
+            h.kill(deadline)
         self.handles = []
         self._stop()
 
@@ -349,6 +364,7 @@ class RemoteBackend(Backend):
                 waiting_on = [s for s in calls if s not in failures]
                 if not waiting_on or now - first_failure > grace:
                     progress = {h.stage: h.progress() for h in self.handles}
-                    raise StageFailure(diagnose(failures, progress, timeout))
+                    working = {s for s, (_, t) in seen.items() if epoch and now - t < timeout}
+                    raise StageFailure(diagnose(failures, progress, timeout, working))
             time.sleep(nap)
             nap = min(nap * 1.5, 0.05 if epoch else 0.01)

@@ -23,6 +23,7 @@ import concurrent.futures
 import contextlib
 import logging
 import os
+import queue
 import shutil
 import signal
 import subprocess
@@ -41,6 +42,7 @@ from aimcpipe.errors import ConfigError, StageFailure
 from aimcpipe.runtime.backends.remote import Answer, Handle, RemoteBackend, store_progress
 from aimcpipe.runtime.host import StageHost, error_info, process_info
 from aimcpipe.runtime.rendezvous import (
+    Unreadable,
     address_towards,
     connect_store,
     host_store,
@@ -122,6 +124,32 @@ class _FutureCall:
         return (True, self.future.result()) if self.future.done() else (False, None)
 
 
+class _DaemonThread:
+    """Runs submitted calls one at a time in one daemon thread: a stage that hangs there
+    never keeps the process from exiting (a ThreadPoolExecutor's thread would)."""
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue()
+        threading.Thread(target=self._loop, name=name, daemon=True).start()
+
+    def submit(self, fn: Any, *args: Any) -> concurrent.futures.Future[Any]:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._queue.put((future, fn, args))
+        return future
+
+    def _loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, fn, args = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as exc:
+                    future.set_exception(exc)
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+
 class InlineHandle(Handle):
     """Stage 0 beside the scheduler on rank 0, run in a thread of its own so the scheduler's
     thread stays free to watch every stage."""
@@ -132,7 +160,7 @@ class InlineHandle(Handle):
         self.store = store
         self.address = address
         self.host: StageHost | None = None
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stage 0")
+        self._pool = _DaemonThread("stage 0")
 
     def _run(self, method: str, args: tuple[Any, ...]) -> Answer:
         if method == "init":
@@ -150,10 +178,10 @@ class InlineHandle(Handle):
     def progress(self) -> dict[str, Any] | None:
         return self.host.progress() if self.host is not None else None
 
-    def kill(self) -> None:
+    def kill(self, deadline: float = 0.0) -> None:
         if self.host is not None:
             self.host.close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.stop()
 
 
 class _StoreCall:
@@ -200,22 +228,24 @@ class RankHandle(Handle):
             return None
         return _describe_exit(self.process.returncode, self.log_path)
 
-    def kill(self) -> None:
+    def request_stop(self) -> None:
         if self._stopped:
             return
         self._stopped = True
-        if self.process is None:  # a torchrun rank: ask it to leave (torchrun does the rest)
+        # a torchrun rank leaves (torchrun does the rest); a spawned one too, or is killed
+        if self.process is None or self.process.poll() is None:
             with contextlib.suppress(Exception):
                 self.submit("stop")
+
+    def kill(self, deadline: float = 0.0) -> None:
+        self.request_stop()
+        if self.process is None or self.process.poll() is not None:
             return
-        if self.process.poll() is None:
-            with contextlib.suppress(Exception):
-                self.submit("stop")
-            try:
-                self.process.wait(timeout=2.0)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10.0)
+        try:
+            self.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10.0)
 
 
 def _describe_exit(code: int, log_path: Path | None) -> str:
@@ -313,7 +343,7 @@ class TorchBackend(RemoteBackend):
         raise StageFailure(f"stage {s} (rank {s}) did not join within {self.options.start_s:g} s")
 
     def _stop(self) -> None:
-        self._server = None
+        self._server = self._store = None  # our store server closes with its last reference
         if getattr(self, "_logs", None) is not None:
             shutil.rmtree(self._logs, ignore_errors=True)
             self._logs = None
@@ -388,12 +418,14 @@ def serve(world: World) -> int:
         while True:
             key = f"{prefix}/cmd/{rank}/{seq}"
             try:
+                # idle ranks wait for rank 0 as long as it is there: the store connection
+                # breaks when it ends, and a spawned rank also watches its parent
                 method, args = take_obj(store, key, float("inf"))
-            except (StageFailure, dist.DistError, RuntimeError, ConnectionError, OSError):
-                return 1  # the scheduler is gone
-            except Exception as exc:  # could not rebuild what was sent (e.g. __main__ classes)
+            except Unreadable as exc:  # could not rebuild what was sent (e.g. __main__ classes)
                 answer: Answer = ("error", error_info(_unpickling_error(exc, rank), rank))
                 method, args = "", ()
+            except (StageFailure, dist.DistError, RuntimeError, ConnectionError, OSError):
+                return 1  # the scheduler is gone
             else:
                 if method == "stop":
                     put_obj(store, f"{prefix}/res/{rank}/{seq}", ("ok", None))
