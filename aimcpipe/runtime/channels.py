@@ -234,13 +234,16 @@ class Channels:
         self._capacity = dict.fromkeys(self._out, first)  # what the receiver has posted
         self._error: BaseException | None = None
         self._lock = threading.Lock()  # guards _error
+        self._threads: list[threading.Thread] = []
         self._posted = {dst: self._thread(self._reap, dst, "sent") for dst in self._out}
         self._delayed: dict[int, queue.Queue[Any]] = {}
 
     def _thread(self, target: Any, dst: int, what: str) -> queue.Queue[Any]:
         q: queue.Queue[Any] = queue.Queue()
         name = f"{what} {self.stage}>{dst}"
-        threading.Thread(target=target, args=(dst, q), name=name, daemon=True).start()
+        thread = threading.Thread(target=target, args=(dst, q), name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
         return q
 
     # -- the transport protocol ----------------------------------------------------------------
@@ -452,6 +455,12 @@ class Channels:
                 q.task_done()
 
     def close(self) -> None:
-        """Stop the threads (messages not yet sent are dropped)."""
+        """Stop the threads (messages not yet sent are dropped), then let the process groups
+        go: torch must not destroy them while the interpreter shuts down (it can abort)."""
         for q in [*self._delayed.values(), *self._posted.values()]:
             q.put(None)
+        for thread in self._threads:
+            thread.join(timeout=2.0)
+        if not any(t.is_alive() for t in self._threads):
+            self._out.clear()
+            self._in.clear()

@@ -130,7 +130,8 @@ class _DaemonThread:
 
     def __init__(self, name: str) -> None:
         self._queue: queue.Queue[Any] = queue.Queue()
-        threading.Thread(target=self._loop, name=name, daemon=True).start()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
 
     def submit(self, fn: Any, *args: Any) -> concurrent.futures.Future[Any]:
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
@@ -146,8 +147,9 @@ class _DaemonThread:
                 except BaseException as exc:
                     future.set_exception(exc)
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 0.0) -> None:
         self._queue.put(None)
+        self._thread.join(timeout=wait_s)
 
 
 class InlineHandle(Handle):
@@ -179,9 +181,11 @@ class InlineHandle(Handle):
         return self.host.progress() if self.host is not None else None
 
     def kill(self, deadline: float = 0.0) -> None:
+        # close the host in its own thread once that is free (unless it hangs: then leave it)
         if self.host is not None:
-            self.host.close()
-        self._pool.stop()
+            self._pool.submit(self.host.close)
+        self._pool.stop(wait_s=max(0.5, deadline - time.monotonic()))
+        self.host = None
 
 
 class _StoreCall:
