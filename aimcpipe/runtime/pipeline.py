@@ -68,6 +68,7 @@ __all__ = ["LOSSES", "Pipeline"]
 log = logging.getLogger(__name__)
 
 PIPELINE_POLICIES = tuple(POLICIES)  # every built-in schedule policy trains
+HELD_DATASETS = 3  # training, test, and one more evaluated dataset stay on the stages
 
 
 def _check_type(name: str, value: Any, kind: type, what: str) -> None:
@@ -195,6 +196,7 @@ class Pipeline:
         self._failed: str | None = None
         self._pending_states: list[dict[str, Any]] | None = None
         self._datasets: dict[int, tuple[str, Dataset]] = {}
+        self._placed = 0
         self.epoch = 0
         self.metrics = RunMetrics.new(
             policy=policy,
@@ -268,13 +270,19 @@ class Pipeline:
         return backend
 
     def _data_key(self, data: Dataset) -> str:
-        """Place ``data`` on the stages once (inputs on the first, targets on the last)."""
-        held = self._datasets.get(id(data))
-        if held is not None and held[1] is data:
+        """Place ``data`` on the stages once (inputs on the first, targets on the last); the
+        stages hold the last :data:`HELD_DATASETS` datasets used."""
+        held = self._datasets.pop(id(data), None)
+        if held is not None:
+            self._datasets[id(data)] = held  # the most recently used last
             return held[0]
-        key = f"data{len(self._datasets)}"
+        self._placed += 1
+        key = f"data{self._placed}"
         self.backend.put_data(key, data.x, data.y)
-        self._datasets[id(data)] = (key, data)
+        self._datasets[id(data)] = (key, data)  # holding ``data`` keeps its id unique
+        while len(self._datasets) > HELD_DATASETS:
+            old_key, _ = self._datasets.pop(next(iter(self._datasets)))
+            self.backend.drop_data(old_key)
         return key
 
     def _guarded(self, fn: Callable[..., Any], *args: Any) -> Any:

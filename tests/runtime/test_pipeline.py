@@ -379,3 +379,14 @@ def test_a_diverging_run_stops_with_one_line(digits, tmp_path):
         pipe.fit(_small(train, 64), epochs=3)
     assert "\n" not in str(info.value)
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_the_stages_hold_only_the_last_few_datasets(digits):
+    train, test = digits
+    pipe = Pipeline(_analog_fcn(), stages=2, microbatches=2, microbatch_size=8, progress=False)
+    pipe.fit(_small(train, 32), _small(test, 10), epochs=1)
+    parts = [_small(test, n) for n in (3, 4, 5, 6)]
+    results = [pipe.evaluate(p)["loss"] for p in parts]
+    held = pipe.backend.workers[0].data
+    assert len(held) == 3  # the three used last
+    assert [pipe.evaluate(p)["loss"] for p in parts] == results  # placed again when needed

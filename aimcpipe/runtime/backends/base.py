@@ -57,6 +57,10 @@ class Backend(ABC):
         """Give the first stage the inputs ``x`` and the last stage the targets ``y``."""
 
     @abstractmethod
+    def drop_data(self, key: str) -> None:
+        """Forget a dataset placed with :meth:`put_data`."""
+
+    @abstractmethod
     def run_epoch(self, plan: EpochPlan, progress: Progress | None = None) -> list[StageReport]:
         """Run ``plan`` on every stage; one report per stage, times on this clock."""
 

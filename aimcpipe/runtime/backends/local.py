@@ -30,6 +30,10 @@ class LocalBackend(Backend):
         for w in self.workers:
             w.put_data(key, *data_for_stage(w.index, self.num_stages, x, y))
 
+    def drop_data(self, key: str) -> None:
+        for w in self.workers:
+            w.drop_data(key)
+
     def run_epoch(self, plan: EpochPlan, progress: Progress | None = None) -> list[StageReport]:
         transport = LocalTransport()
         its = [w.interpreter(plan, transport) for w in self.workers]

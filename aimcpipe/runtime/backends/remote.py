@@ -244,6 +244,9 @@ class RemoteBackend(Backend):
         n = len(self.handles)
         self._call_all("put_data", [(key, *data_for_stage(s, n, x, y)) for s in range(n)])
 
+    def drop_data(self, key: str) -> None:
+        self._call_all("drop_data", [(key,)] * len(self.handles))
+
     def run_epoch(self, plan: EpochPlan, progress: Progress | None = None) -> list[StageReport]:
         n = len(self.handles)
         watch = None
