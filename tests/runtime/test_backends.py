@@ -15,7 +15,7 @@ import torch
 
 from aimcpipe.analog import AnalogConfig, convert
 from aimcpipe.runtime import Dataset, Pipeline, load_dataset
-from aimcpipe.runtime.options import RuntimeOptions
+from aimcpipe.runtime.options import RayOptions, RuntimeOptions
 from aimcpipe.scheduler import POLICIES, build_schedule, order_metrics
 from aimcpipe.stages import build_model
 
@@ -155,3 +155,26 @@ def test_the_merged_trace_respects_causality_across_processes(torch_pool, digits
             assert r.start >= times["F", s - 1, mbs].end
         if kind == "B" and s < 3:
             assert r.start >= times["B", s + 1, mbs].end
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["torch", "ray"])
+def test_stages_on_cuda_train_the_local_cuda_weights(digits, backend):
+    """With CUDA every stage lives on a GPU (shared by all stages when there is one): the
+    weights equal the local backend's on the same device type (random streams differ between
+    CPU and CUDA, so the reference is the local backend on CUDA too)."""
+    if backend == "ray":
+        pytest.importorskip("ray")
+    data = _data(digits, 3)
+    cuda = RuntimeOptions(timeout_s=120, device="cuda")
+
+    def run(name: str) -> tuple[dict, dict]:
+        # Ray shows an actor only the GPUs it asked for: two stages share one GPU
+        kw = {"ray": RayOptions(num_gpus=0.5)} if name == "ray" else {}
+        pipe = _pipeline(STOCHASTIC, 2, "async", 3, name, **kw)
+        pipe.runtime = cuda
+        return _train(pipe, data)
+
+    got, want = run(backend), run("local")
+    assert largest_difference(got[0], want[0]) == 0.0
+    assert got[1]["final"] == want[1]["final"]
