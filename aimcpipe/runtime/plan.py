@@ -11,14 +11,13 @@ state. What comes back is a :class:`StageReport` per epoch.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from aimcpipe.runtime.interpreter import ActionRecord
-from aimcpipe.scheduler import Action, CostModel, Schedule, build_schedule
+from aimcpipe.scheduler import CostModel, Schedule, build_schedule
 from aimcpipe.stages.stage import LossFn, StageCounters
 
 __all__ = ["EpochPlan", "EvalPlan", "EvalResult", "StageReport", "StageSpec", "shifted"]
@@ -110,11 +109,6 @@ class StageReport:
     bytes_sent: int
     overruns: int = 0
     overrun_s: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def actions(self) -> Sequence[Action]:
-        return [r.action for r in self.records]
 
     def shift(self, offset: float) -> None:
         """Move every time by ``offset`` seconds (onto another clock)."""

@@ -14,7 +14,7 @@ plan names the dataset and carries the sample order.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,14 +156,13 @@ class StageWorker:
         it = self.interpreter(plan, transport)
         sent = _bytes_sent(transport, self.index)
         latency = plan.costs.latency * plan.cycle_s if plan.cycle_s else 0.0
-        transport.begin(self.expected_messages(plan), latency)
+        transport.begin(self.expected_messages(it.actions), latency)
         it.run(on_action, before)
         transport.end()
         return self.report(it, _bytes_sent(transport, self.index) - sent)
 
-    def expected_messages(self, plan: EpochPlan) -> dict[int, int]:
-        """How many messages this stage receives from each neighbour in ``plan``'s epoch."""
-        acts = plan.schedule().stages[self.index]
+    def expected_messages(self, acts: Sequence[Action]) -> dict[int, int]:
+        """How many messages this stage receives from each neighbour while running ``acts``."""
         counts: dict[int, int] = {}
         if self.index > 0:
             counts[self.index - 1] = sum(1 for a in acts if a.kind == FORWARD)
