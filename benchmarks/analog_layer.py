@@ -1,11 +1,23 @@
 """Time one training step (forward + backward + update) of a 512×512 layer, batch 128.
 
-Compares digital ``nn.Linear`` + SGD with aimcpipe's analog layer under the expected and the
-pulsed soft-bounds (ALD) update, on CPU with 2 threads. If IBM aihwkit happens to be
-importable, its pulsed SoftBoundsReferenceDevice tile is timed side by side (never a
-dependency).
+Two regimes of the pulsed update, because its cost grows with the bit length actually used:
 
-Run:  .venv/bin/python benchmarks/analog_layer.py [--repeats 50] [--out FILE.json]
+* ``small``: an MSE regression loss against a fixed linear teacher — errors are small, so
+  every sample needs about one pulse (BL ≈ 1);
+* ``full``: the loss ``sum(y ⊙ G)`` with ``G ~ N(0, 1)`` — errors of order 1 ask every sample
+  for more than 31 pulses, so every update runs at the full bit length (BL 31).
+
+Cases, timed round-robin in one process so that a noisy machine slows all alike: digital
+``nn.Linear`` + SGD; aimcpipe's expected and pulsed soft-bounds updates (the pulsed one also
+with each count kernel forced, to show what the automatic choice picked and why); and, when
+IBM aihwkit happens to be importable, its pulsed ``SoftBoundsReferenceDevice`` with the same
+τ = 1, dw_min = 1e-3, BL 31 and no device-to-device or cycle-to-cycle variation (never a
+dependency of the project). The JSON records the CPU model, cores, torch build and the
+kernels chosen.
+
+Run::
+
+    OPENBLAS_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/analog_layer.py
 """
 
 from __future__ import annotations
@@ -13,14 +25,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine_info
 
 from aimcpipe.analog import (
     AnalogConfig,
@@ -28,132 +44,197 @@ from aimcpipe.analog import (
     AnalogSGD,
     DeviceConfig,
     UpdateConfig,
+    counting,
     io_preset,
 )
 
-SIZE, BATCH, LR = 512, 128, 0.01
-# The loss sum(y ⊙ G) with G ~ N(0, 1) backpropagates errors of order 1, so with lr 0.01 and
-# dw_min 0.001 every sample asks for more than 31 pulses: the pulsed update always runs at
-# the full bit length (its most expensive case).
+SIZE, BATCH, LR, DW_MIN, TAU, BL = 512, 128, 0.01, 0.001, 1.0, 31
+Step = Callable[[], None]
+Loss = Callable[[torch.Tensor], torch.Tensor]
 
 
-def time_cases(cases: dict, repeats: int, warmup: int = 5) -> dict[str, dict[str, float]]:
-    """Time every case ``repeats`` times, round-robin, so that a noisy machine slows all cases
-    alike; report the median and the minimum per case."""
-    for step in cases.values():
-        for _ in range(warmup):
-            step()
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(repeats):
-        for name, step in cases.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
+def losses(size: int, batch: int) -> dict[str, tuple[torch.Tensor, Loss]]:
+    """Per regime: the input batch and the loss of the layer's output."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, size, generator=g)
+    teacher = torch.randn(size, size, generator=g) / size**0.5
+    target = (x @ teacher.t()).clamp(-1, 1)
+    grad = torch.randn(batch, size, generator=g)
     return {
-        name: {"median_ms": 1e3 * statistics.median(t), "min_ms": 1e3 * min(t)}
-        for name, t in times.items()
+        "small": (x, lambda y: F.mse_loss(y, target)),
+        "full": (x, lambda y: (y * grad).sum()),
     }
 
 
-def digital_step(x: torch.Tensor, g: torch.Tensor):
-    layer = nn.Linear(SIZE, SIZE)
-    opt = torch.optim.SGD(layer.parameters(), lr=LR)
-
+def step_of(layer: nn.Module, opt, x: torch.Tensor, loss: Loss) -> Step:
     def step() -> None:
         opt.zero_grad()
-        (layer(x) * g).sum().backward()
+        loss(layer(x)).backward()
         opt.step()
 
     return step
 
 
-def analog_step(x: torch.Tensor, g: torch.Tensor, config: AnalogConfig):
-    layer = AnalogLinear(SIZE, SIZE, config=config, seed=0)
-    opt = AnalogSGD(layer, lr=LR)
+def digital(size: int, x, loss) -> Step:
+    layer = nn.Linear(size, size)
+    return step_of(layer, torch.optim.SGD(layer.parameters(), lr=LR), x, loss)
+
+
+def ours(size: int, x, loss, config: AnalogConfig, kernel: str = "auto") -> Step:
+    layer = AnalogLinear(size, size, config=config, seed=0)
+    inner = step_of(layer, AnalogSGD(layer, lr=LR), x, loss)
+    if kernel == "auto":
+        return inner
 
     def step() -> None:
-        opt.zero_grad()
-        (layer(x) * g).sum().backward()
-        opt.step()
+        os.environ[counting.ENV] = kernel
+        try:
+            inner()
+        finally:
+            os.environ.pop(counting.ENV, None)
 
     return step
 
 
-def aihwkit_step(x: torch.Tensor, g: torch.Tensor):  # pragma: no cover - optional comparison
+def aihwkit(size: int, x, loss) -> Step:  # pragma: no cover - optional comparison
     from aihwkit.nn import AnalogLinear as AihwkitLinear
     from aihwkit.optim import AnalogSGD as AihwkitSGD
     from aihwkit.simulator.configs import SingleRPUConfig
     from aihwkit.simulator.configs.devices import SoftBoundsReferenceDevice
 
-    layer = AihwkitLinear(
-        SIZE, SIZE, rpu_config=SingleRPUConfig(device=SoftBoundsReferenceDevice())
-    )
+    device = SoftBoundsReferenceDevice(
+        w_max=TAU, w_min=-TAU, dw_min=DW_MIN, dw_min_std=0.0, dw_min_dtod=0.0,
+        w_max_dtod=0.0, w_min_dtod=0.0, up_down_dtod=0.0,
+    )  # fmt: skip
+    config = SingleRPUConfig(device=device)
+    config.update.desired_bl = BL
+    layer = AihwkitLinear(size, size, rpu_config=config)
     opt = AihwkitSGD(layer.parameters(), lr=LR)
     opt.regroup_param_groups(layer)
+    return step_of(layer, opt, x, loss)
 
-    def step() -> None:
-        opt.zero_grad()
-        (layer(x) * g).sum().backward()
-        opt.step()
 
-    return step
+def time_cases(
+    cases: dict[str, Step], repeats: int, budget_s: float, warmup: int = 2
+) -> dict[str, dict[str, float]]:
+    """Round-robin: every round runs each case once, so a noisy machine slows all alike. A
+    case stops being repeated once it has ``repeats`` samples or has used ``budget_s`` (with
+    at least three samples)."""
+    for step in cases.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    spent = dict.fromkeys(cases, 0.0)
+    while True:
+        active = [
+            n for n in cases
+            if len(times[n]) < repeats and (len(times[n]) < 3 or spent[n] < budget_s)
+        ]  # fmt: skip
+        if not active:
+            break
+        for name in active:
+            start = time.perf_counter()
+            cases[name]()
+            took = time.perf_counter() - start
+            times[name].append(took)
+            spent[name] += took
+    return {
+        name: {
+            "median_ms": 1e3 * statistics.median(t),
+            "min_ms": 1e3 * min(t),
+            "max_ms": 1e3 * max(t),
+            "samples": len(t),
+        }
+        for name, t in times.items()
+    }
+
+
+def usable_kernels(size: int, batch: int) -> list[str]:
+    """The count kernels that run on this machine for this layer's products."""
+    a = torch.randint(-1, 2, (size, batch * BL), dtype=torch.int8)
+    b = torch.randint(-1, 2, (batch * BL, size), dtype=torch.int8)
+    want = a.float() @ b.float()
+    names = []
+    for c in counting.CANDIDATES:
+        try:
+            if torch.device("cpu").type in c.devices and torch.equal(c.run(a, b), want):
+                names.append(c.name)
+        except (RuntimeError, TypeError, AttributeError, NotImplementedError):
+            pass
+    return names
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--budget-s", type=float, default=20.0, help="time per case at most")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--size", type=int, default=SIZE)
+    parser.add_argument("--no-kernels", action="store_true", help="skip the forced kernels")
     parser.add_argument("--out", default="benchmarks/results/analog_layer.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    x = torch.randn(BATCH, SIZE)
-    g = torch.randn(BATCH, SIZE)
-    ald = DeviceConfig(kind="soft-bounds", tau=1.0, dw_min=0.001)
-    cases = {
-        "digital nn.Linear + SGD": digital_step(x, g),
-        "analog expected ALD (ideal IO)": analog_step(x, g, AnalogConfig(device=ald)),
-        "analog expected ALD (paper IO)": analog_step(
-            x, g, AnalogConfig(device=ald, forward=io_preset("paper"), backward=io_preset("paper"))
-        ),
-        "analog pulsed ALD bl31 (ideal IO)": analog_step(
-            x, g, AnalogConfig(device=ald, update=UpdateConfig(mode="pulsed", desired_bl=31))
-        ),
-        "analog pulsed ALD bl31 + c2c/dtod (paper IO)": analog_step(
-            x,
-            g,
-            AnalogConfig(
-                device=DeviceConfig(tau=1.0, dw_min=0.001, dw_min_std=0.3, dw_min_dtod=0.3),
-                update=UpdateConfig(mode="pulsed", desired_bl=31),
-                forward=io_preset("paper"),
-                backward=io_preset("paper"),
-            ),
-        ),
-    }
-    try:
-        cases["aihwkit pulsed SoftBoundsReference"] = aihwkit_step(x, g)
-    except Exception as exc:
-        print(f"aihwkit not timed: {type(exc).__name__}: {exc}", file=sys.stderr)
-    results = time_cases(cases, args.repeats)
-    base = next(iter(results.values()))
-    for name, r in results.items():
-        r["x_digital_median"] = r["median_ms"] / base["median_ms"]
-        r["x_digital_min"] = r["min_ms"] / base["min_ms"]
-        print(
-            f"{name:46s} median {r['median_ms']:7.2f} ms ({r['x_digital_median']:5.2f}x digital)"
-            f"  min {r['min_ms']:7.2f} ms ({r['x_digital_min']:5.2f}x)"
+    size = args.size
+    ald = DeviceConfig(kind="soft-bounds", tau=TAU, dw_min=DW_MIN)
+    pulsed = UpdateConfig(mode="pulsed", desired_bl=BL)
+    paper = io_preset("paper")
+    cases: dict[str, Step] = {}
+    kernels = [] if args.no_kernels else usable_kernels(size, BATCH)
+    for regime, (x, loss) in losses(size, BATCH).items():
+        cases[f"{regime}: digital nn.Linear + SGD"] = digital(size, x, loss)
+        cases[f"{regime}: aimcpipe expected (ideal IO)"] = ours(
+            size, x, loss, AnalogConfig(device=ald)
         )
+        cases[f"{regime}: aimcpipe pulsed (ideal IO)"] = ours(
+            size, x, loss, AnalogConfig(device=ald, update=pulsed)
+        )
+        cases[f"{regime}: aimcpipe pulsed (paper IO)"] = ours(
+            size, x, loss, AnalogConfig(device=ald, update=pulsed, forward=paper, backward=paper)
+        )
+        for name in kernels:
+            cases[f"{regime}: aimcpipe pulsed (ideal IO) [{name}]"] = ours(
+                size, x, loss, AnalogConfig(device=ald, update=pulsed), kernel=name
+            )
+        try:
+            cases[f"{regime}: aihwkit pulsed SoftBoundsReference"] = aihwkit(size, x, loss)
+        except Exception as exc:  # aihwkit absent or incompatible: say so, time the rest
+            print(f"aihwkit not timed: {type(exc).__name__}: {exc}", file=sys.stderr)
+    results = time_cases(cases, args.repeats, args.budget_s)
+    for regime in ("small", "full"):
+        base = results[f"{regime}: digital nn.Linear + SGD"]["median_ms"]
+        ref = results.get(f"{regime}: aihwkit pulsed SoftBoundsReference", {}).get("median_ms")
+        for name, r in results.items():
+            if not name.startswith(regime):
+                continue
+            r["x_digital"] = r["median_ms"] / base
+            if ref is not None:
+                r["x_aihwkit"] = r["median_ms"] / ref
+            vs = f"  {r['x_aihwkit']:6.3f}x aihwkit" if ref is not None else ""
+            print(
+                f"{name:58s} median {r['median_ms']:8.2f} ms (min {r['min_ms']:8.2f}, "
+                f"n={r['samples']:2d})  {r['x_digital']:7.2f}x digital{vs}"
+            )
+    try:
+        import aihwkit as _aihwkit  # pragma: no cover
+
+        aihwkit_version = _aihwkit.__version__
+    except ImportError:
+        aihwkit_version = None
     record = {
-        "command": "python " + " ".join(sys.argv),
-        "layer": f"{SIZE}x{SIZE}",
+        "command": "OPENBLAS_NUM_THREADS=1 PYTHONPATH=. python " + " ".join(sys.argv),
+        "layer": f"{size}x{size}",
         "batch": BATCH,
+        "bit_length": BL,
         "threads": args.threads,
-        "torch": torch.__version__,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+        "machine": machine_info(),
+        "aihwkit": aihwkit_version,
+        "count_kernels_chosen": counting.chosen(),
         "results": results,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    print(f"kernels chosen: {counting.chosen()}")
     return 0
 
 

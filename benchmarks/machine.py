@@ -15,6 +15,22 @@ import torch
 __all__ = ["machine_info"]
 
 
+# instruction sets that decide which matrix-product kernels are fast
+_ISA = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16")
+
+
+def _cpu_isa() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return [isa for isa in _ISA if isa in flags]
+    except OSError:
+        pass
+    return []
+
+
 def _cpu_model() -> str:
     try:
         text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
@@ -30,6 +46,8 @@ def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {
         "cpu_model": _cpu_model(),
         "cpus": os.cpu_count(),
+        "cpu_isa": _cpu_isa(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from aimcpipe.analog.config import DeviceConfig
+from aimcpipe.analog.counting import count_products
 
 __all__ = [
     "DeviceState",
@@ -195,18 +196,6 @@ def _pad(t: torch.Tensor, pad: int, dim: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
 
-def _count_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Exact ``a @ b`` for small-integer matrices (entries in {−1, 0, 1}) as float32.
-
-    On the CPU, int8 × int8 → int32 (``torch._int_mm``) is exact and about three times faster
-    than a float32 product; elsewhere, or where its shape rules are not met, float32 (exact
-    for counts below 2²⁴)."""
-    k = a.shape[1]
-    if a.device.type == "cpu" and k >= 16 and k % 8 == 0:
-        return torch._int_mm(a, b).to(torch.float32)
-    return a.to(torch.float32).mm(b.to(torch.float32))
-
-
 def pulse_counts(
     x: torch.Tensor,
     d: torch.Tensor,
@@ -247,17 +236,17 @@ def pulse_counts(
     inactive = torch.arange(length, device=device).unsqueeze(0) >= bl.unsqueeze(1)  # b × L
     if bool(inactive.any()):  # samples with fewer bits than the longest: silence their slots
         u_d.masked_fill_(inactive.unsqueeze(0), _PROB_SCALE - 1)
-    # Pad the bit slots to a multiple of 8 (padding never fires) for the int8 product.
+    # Pad the bit slots to a multiple of 8 (padding never fires): int8 kernels need it.
     pad = (-slots) % 8
     bits_x = _pad(((u_x < t_x.unsqueeze(1)).view(torch.int8).view(slots, -1)), pad, dim=0)
     bits_d = _pad(((u_d < t_d.t().unsqueeze(2)).view(torch.int8).view(-1, slots)), pad, dim=1)
-    coincidences = _count_products(bits_d, bits_x)
+    coincidences = count_products(bits_d, bits_x)
     # Requested ΔW = −lr·d·x: an up pulse where sign(d)·sign(x) < 0.
     sign_x = torch.sign(x).to(torch.int8).unsqueeze(1).expand(b, length, -1).reshape(slots, -1)
     sign_d = torch.sign(d).to(torch.int8).t().unsqueeze(2).expand(-1, b, length).reshape(-1, slots)
     signed_x = bits_x.mul_(_pad(sign_x, pad, dim=0))
     signed_d = bits_d.mul_(_pad(sign_d, pad, dim=1))
-    signed = _count_products(signed_d, signed_x).neg_()
+    signed = count_products(signed_d, signed_x).neg_()
     return coincidences, signed
 
 

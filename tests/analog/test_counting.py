@@ -1,0 +1,149 @@
+"""The pulse-coincidence count kernels: every one is exact, and the choice never changes a
+result (same counts, same random stream, same weights)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aimcpipe.analog import (
+    AnalogConfig,
+    AnalogLinear,
+    AnalogSGD,
+    DeviceConfig,
+    UpdateConfig,
+    counting,
+)
+from aimcpipe.analog.devices import pulse_counts
+
+
+def _runs_here(name: str) -> bool:
+    candidate = next(c for c in counting.CANDIDATES if c.name == name)
+    if "cpu" not in candidate.devices:
+        return False
+    a = torch.ones(32, 32, dtype=torch.int8)
+    try:
+        candidate.run(a, a)
+    except (RuntimeError, TypeError, AttributeError, NotImplementedError):
+        return False
+    return True
+
+
+HERE = [c.name for c in counting.CANDIDATES if _runs_here(c.name)]
+
+
+def _ternary(m: int, k: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(-1, 2, (m, k), generator=g, dtype=torch.int8)
+    b = torch.randint(-1, 2, (k, n), generator=g, dtype=torch.int8)
+    return a, b
+
+
+@pytest.fixture(autouse=True)
+def _fresh_choices(monkeypatch):
+    monkeypatch.delenv(counting.ENV, raising=False)
+    counting.reset()
+    yield
+    counting.reset()
+
+
+def test_float32_is_always_available():
+    assert "float32" in HERE
+
+
+@pytest.mark.parametrize("name", HERE)
+@pytest.mark.parametrize("shape", [(37, 24, 41), (64, 264, 48), (16, 2056, 24), (128, 4000, 8)])
+def test_every_kernel_counts_exactly(name, shape):
+    a, b = _ternary(*shape, seed=sum(shape))
+    want = a.to(torch.int64) @ b.to(torch.int64)  # integer reference
+    got = next(c for c in counting.CANDIDATES if c.name == name).run(a, b)
+    assert got.dtype == torch.float32
+    assert torch.equal(got.to(torch.int64), want)
+
+
+@pytest.mark.parametrize("name", HERE)
+def test_counts_beyond_half_precision_stay_exact(name):
+    # all-ones: every count is k = 3000, more than bfloat16 (2⁸) or float16 (2¹¹) can hold
+    a = torch.ones(24, 3000, dtype=torch.int8)
+    b = -torch.ones(3000, 16, dtype=torch.int8)
+    got = next(c for c in counting.CANDIDATES if c.name == name).run(a, b)
+    assert torch.equal(got, torch.full((24, 16), -3000.0))
+
+
+def test_automatic_choice_is_exact_and_recorded():
+    a, b = _ternary(512, 1000, 256, seed=1)
+    got = counting.count_products(a, b)
+    assert torch.equal(got.to(torch.int64), a.to(torch.int64) @ b.to(torch.int64))
+    chosen = counting.chosen()
+    assert list(chosen) == ["cpu 512x1024x256"]
+    assert chosen["cpu 512x1024x256"] in HERE
+    counting.reset()
+    assert counting.chosen() == {}
+
+
+def test_small_products_use_float32_without_measuring():
+    a, b = _ternary(16, 8, 16, seed=2)
+    assert counting.kernel_for(a, b) == "float32"
+    assert counting.chosen() == {}
+
+
+def test_empty_products_are_zero():
+    a = torch.zeros(5, 0, dtype=torch.int8)
+    b = torch.zeros(0, 3, dtype=torch.int8)
+    assert torch.equal(counting.count_products(a, b), torch.zeros(5, 3))
+
+
+def test_forced_kernel_is_used(monkeypatch):
+    monkeypatch.setenv(counting.ENV, "float32")
+    a, b = _ternary(512, 1000, 256, seed=3)
+    assert counting.kernel_for(a, b) == "float32"
+    assert counting.chosen() == {}  # nothing measured
+
+
+def test_unknown_forced_kernel_names_the_variable(monkeypatch):
+    monkeypatch.setenv(counting.ENV, "popcount")
+    a, b = _ternary(4, 8, 4, seed=4)
+    with pytest.raises(ValueError, match=r"AIMCPIPE_COUNT_KERNEL='popcount'.*allowed: auto"):
+        counting.count_products(a, b)
+
+
+def _pulsed_layer_after_steps(kernel: str, monkeypatch) -> tuple[torch.Tensor, torch.Tensor]:
+    if kernel == "auto":
+        monkeypatch.delenv(counting.ENV, raising=False)
+    else:
+        monkeypatch.setenv(counting.ENV, kernel)
+    config = AnalogConfig(
+        device=DeviceConfig(tau=1.0, dw_min=0.001, dw_min_std=0.3),
+        update=UpdateConfig(mode="pulsed", desired_bl=31),
+    )
+    layer = AnalogLinear(256, 128, config=config, seed=5)
+    opt = AnalogSGD(layer, lr=0.01)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(64, 256, generator=g)
+    grad = torch.randn(64, 128, generator=g)
+    for _ in range(3):
+        opt.zero_grad()
+        (layer(x) * grad).sum().backward()
+        opt.step()
+    after = torch.randn(4, generator=layer.analog.tile._generator)  # where its stream stands
+    return layer.analog.tile.weight.clone(), after
+
+
+def test_the_kernel_never_changes_the_weights_or_the_random_stream(monkeypatch):
+    reference, stream = _pulsed_layer_after_steps("float32", monkeypatch)
+    for kernel in ["auto", *HERE]:
+        weight, after = _pulsed_layer_after_steps(kernel, monkeypatch)
+        assert torch.equal(weight, reference), kernel
+        assert torch.equal(after, stream), kernel
+
+
+@pytest.mark.parametrize("name", HERE)
+def test_pulse_counts_are_the_same_with_every_kernel(name, monkeypatch):
+    g = torch.Generator().manual_seed(7)
+    x, d = torch.randn(32, 96, generator=g), torch.randn(32, 80, generator=g)
+    monkeypatch.setenv(counting.ENV, "float32")
+    want = pulse_counts(x, d, 0.05, 0.001, 31, torch.Generator().manual_seed(8))
+    monkeypatch.setenv(counting.ENV, name)
+    got = pulse_counts(x, d, 0.05, 0.001, 31, torch.Generator().manual_seed(8))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert float(want[0].sum()) > 0  # the case has coincidences to count
