@@ -21,30 +21,28 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from aimcpipe.errors import ScheduleError, StageFailure
 from aimcpipe.runtime.transport import DRIVER, Key, Transport
 from aimcpipe.scheduler import BACKWARD, FORWARD, Action, received_message, sent_message
-from aimcpipe.stages.stage import Stage
+from aimcpipe.stages.stage import LossStats, Stage, summarize
 
 __all__ = ["ActionRecord", "Interpreter", "run_local"]
 
 Feed = Callable[[Key], Any]
 
 
-@dataclass(frozen=True)
-class ActionRecord:
+class ActionRecord(NamedTuple):
     """One executed action with its wall-clock start/end in seconds: on the interpreter's
-    clock minus its ``origin``."""
+    clock minus its ``origin``. (A named tuple: one is made per action.)"""
 
     action: Action
     start: float
     end: float
 
 
-def _needs(action: Action, num_stages: int) -> list[Key]:
+def _needs(action: Action, num_stages: int) -> tuple[Key, ...]:
     kind, s, mbs = action
     keys: list[Key] = []
     msg = received_message(action, num_stages)
@@ -54,7 +52,32 @@ def _needs(action: Action, num_stages: int) -> list[Key]:
         keys.append(("input", mbs[0], DRIVER, s))
     if kind == FORWARD and s == num_stages - 1:
         keys.append(("target", mbs[0], DRIVER, s))
-    return keys
+    return tuple(keys)
+
+
+def _sends(action: Action, num_stages: int) -> Key | None:
+    msg = sent_message(action, num_stages)
+    return None if msg is None else (msg.kind, msg.microbatch, msg.src, msg.dst)
+
+
+_Wiring = tuple[tuple[tuple[Key, ...], ...], tuple[Key | None, ...]]
+_wired: dict[int, tuple[tuple[Action, ...], _Wiring]] = {}
+
+
+def _wiring(actions: tuple[Action, ...], num_stages: int) -> _Wiring:
+    """Per action, the keys it receives and the key it sends. Epochs of the same shape share
+    one (cached) schedule, so this is derived once per action list, not once per epoch."""
+    hit = _wired.get(id(actions))
+    if hit is not None and hit[0] is actions:
+        return hit[1]
+    wiring = (
+        tuple(_needs(a, num_stages) for a in actions),
+        tuple(_sends(a, num_stages) for a in actions),
+    )
+    if len(_wired) >= 64:
+        _wired.clear()
+    _wired[id(actions)] = (actions, wiring)  # holding the tuple keeps its id from reuse
+    return wiring
 
 
 class Interpreter:
@@ -76,7 +99,7 @@ class Interpreter:
             if a.stage != stage.index:
                 raise ScheduleError(f"action {a} is in the list of stage {stage.index}")
         self.stage = stage
-        self.actions = list(actions)
+        self.actions = actions if isinstance(actions, tuple) else tuple(actions)
         self.transport = transport
         self.feed = feed
         self.timeout = timeout
@@ -85,10 +108,15 @@ class Interpreter:
         self.pace = pace
         self.position = 0
         self.records: list[ActionRecord] = []
-        self.stats: list[dict[str, float]] = []
+        self._stats: list[LossStats] = []
         self.overruns = 0
         self.overrun_s = 0.0
-        self._needs = [_needs(a, stage.num_stages) for a in self.actions]
+        self._needs, self._sends = _wiring(self.actions, stage.num_stages)
+
+    @property
+    def stats(self) -> list[dict[str, float]]:
+        """The last stage's loss statistics per micro-batch so far (converted on reading)."""
+        return summarize(self._stats)
 
     @property
     def done(self) -> bool:
@@ -103,17 +131,22 @@ class Interpreter:
 
     def ready(self) -> bool:
         """Whether the next action's messages have all arrived."""
-        return not self.done and all(
-            self._from_feed(k) or self.transport.ready(k) for k in self._needs[self.position]
-        )
+        if self.position >= len(self.actions):
+            return False
+        for k in self._needs[self.position]:
+            if not (self._from_feed(k) or self.transport.ready(k)):
+                return False
+        return True
 
     def step(self) -> Action:
         """Receive what the next action needs (waiting up to ``timeout``), execute it, send
         what it produces."""
-        action = self.actions[self.position]
+        position = self.position
+        action = self.actions[position]
+        feed = self.feed
         inputs = [
-            self.feed(k) if self._from_feed(k) else self.transport.recv(k, self.timeout)  # type: ignore[misc]
-            for k in self._needs[self.position]
+            feed(k) if k[2] == DRIVER and feed is not None else self.transport.recv(k, self.timeout)
+            for k in self._needs[position]
         ]
         start = self.clock()
         kind, s, mbs = action
@@ -135,13 +168,14 @@ class Interpreter:
         end = self.clock()
         if self.pace is not None:
             end = self._wait_out(action, start, end)
-        msg = sent_message(action, stage.num_stages)
-        if msg is not None:
-            self.transport.send((msg.kind, msg.microbatch, msg.src, msg.dst), out)
+        key = self._sends[position]
+        if key is not None:
+            self.transport.send(key, out)
         if stats is not None:
-            self.stats.append(stats)
-        self.records.append(ActionRecord(action, start - self.origin, end - self.origin))
-        self.position += 1
+            self._stats.append(stats)
+        origin = self.origin
+        self.records.append(ActionRecord(action, start - origin, end - origin))
+        self.position = position + 1
         return action
 
     def _wait_out(self, action: Action, start: float, end: float) -> float:
@@ -171,13 +205,75 @@ class Interpreter:
                 on_action(action)
 
 
+def _sweeps(interpreters: Sequence[Interpreter]) -> list[int]:
+    """The order in which :func:`run_local` steps the stages, worked out on message keys
+    alone (no tensors): sweep the stages, each as far as its messages allow, alternating
+    direction (forwards flow up, backwards down). A sweep in which no stage can move means
+    the schedule can never finish: raise naming the stuck actions rather than hang."""
+    arrived: set[Key] = set()
+    position = [it.position for it in interpreters]
+    ends = [len(it.actions) for it in interpreters]
+    fed = [it.feed is not None for it in interpreters]
+    order = list(range(len(interpreters)))
+    steps: list[int] = []
+    while True:
+        moved = False
+        for i in order:
+            it = interpreters[i]
+            while position[i] < ends[i] and all(
+                (fed[i] and k[2] == DRIVER) or k in arrived for k in it._needs[position[i]]
+            ):
+                for k in it._needs[position[i]]:
+                    arrived.discard(k)
+                sent = it._sends[position[i]]
+                if sent is not None:
+                    arrived.add(sent)
+                position[i] += 1
+                steps.append(i)
+                moved = True
+        if all(p == e for p, e in zip(position, ends, strict=True)):
+            return steps
+        if not moved:
+            stuck = "; ".join(
+                f"stage {it.stage.index} stuck at {it.actions[position[i]]}"
+                for i, it in enumerate(interpreters)
+                if position[i] < ends[i]
+            )
+            raise ScheduleError(f"the schedule cannot finish: {stuck}")
+        order.reverse()
+
+
+_interleavings: dict[tuple[int, ...], tuple[tuple[tuple[Action, ...], ...], list[int]]] = {}
+
+
 def run_local(
     interpreters: Sequence[Interpreter], on_action: Callable[[Action], None] | None = None
 ) -> None:
-    """Interleave all stages in this process: sweep the stages, running each as far as its
-    messages allow. Sweeps alternate direction (forwards flow up, backwards down). A sweep in
-    which no stage can move means the schedule can never finish: raise naming the stuck
-    actions rather than hang."""
+    """Interleave all stages in this process in the order of :func:`_sweeps`. That order
+    depends only on the action lists, which epochs of the same shape share, so it is worked
+    out once and replayed (each step still receives exactly the messages it needs, or
+    fails). Interpreters that read data from the transport rather than a feed are swept
+    live, since their data may arrive at any time."""
+    if any(it.feed is None for it in interpreters):
+        _run_live(interpreters, on_action)
+        return
+    key = tuple(id(it.actions) for it in interpreters) + tuple(it.position for it in interpreters)
+    hit = _interleavings.get(key)
+    lists = tuple(it.actions for it in interpreters)
+    if hit is None or any(a is not b for a, b in zip(hit[0], lists, strict=True)):
+        if len(_interleavings) >= 16:
+            _interleavings.clear()
+        hit = _interleavings[key] = (lists, _sweeps(interpreters))
+    for i in hit[1]:
+        action = interpreters[i].step()
+        if on_action is not None:
+            on_action(action)
+
+
+def _run_live(
+    interpreters: Sequence[Interpreter], on_action: Callable[[Action], None] | None
+) -> None:
+    """:func:`run_local` deciding each step from the messages actually present."""
     order = list(interpreters)
     while True:
         moved = False

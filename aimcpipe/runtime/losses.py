@@ -9,11 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from aimcpipe.errors import ConfigError
+from aimcpipe.stages.randomness import deterministic_loss
 from aimcpipe.stages.stage import LossFn
 
 __all__ = ["LOSSES", "check_loss", "resolve_loss"]
 
 
+@deterministic_loss
 def _half_mse(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """½·mean squared error, the least-squares objective of arXiv 2406.12774."""
     return 0.5 * F.mse_loss(y, t.to(y.dtype).reshape(y.shape))

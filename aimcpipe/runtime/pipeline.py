@@ -49,12 +49,20 @@ from aimcpipe.runtime.losses import LOSSES, check_loss, resolve_loss
 from aimcpipe.runtime.lr import LRSchedule
 from aimcpipe.runtime.metrics import EpochResult, RunMetrics
 from aimcpipe.runtime.options import BACKENDS, DeviceTime, RayOptions, RuntimeOptions
-from aimcpipe.runtime.plan import EpochPlan, EvalPlan, StageReport, StageSpec, shifted
+from aimcpipe.runtime.plan import (
+    EpochPlan,
+    EvalPlan,
+    StageReport,
+    StageSpec,
+    cached_schedule,
+    shifted,
+)
 from aimcpipe.scheduler import (
     POLICIES,
+    Action,
     CostModel,
     Schedule,
-    build_schedule,
+    SimResult,
     longest_wait,
     simulate,
 )
@@ -207,6 +215,7 @@ class Pipeline:
             cycle_s=cycle_s,
         )
         self._trace: list[list[ActionRecord]] | None = None  # this session's first epoch
+        self._simulated: dict[tuple[int, CostModel], tuple[Schedule, SimResult]] = {}
         self._trace_epoch = 0
         self._trace_clocks: dict[str, Any] | None = None
 
@@ -322,9 +331,8 @@ class Pipeline:
 
     # -- training --------------------------------------------------------------------------
     def schedule_for(self, minibatches: int) -> Schedule:
-        options = {"weight_stashing": True} if self.weight_stashing else {}
-        return build_schedule(
-            self.policy, self.num_stages, self.microbatches, minibatches, **options
+        return cached_schedule(
+            self.policy, self.num_stages, self.microbatches, minibatches, self.weight_stashing
         )
 
     def _minibatches(self, data: Dataset) -> int:
@@ -402,14 +410,7 @@ class Pipeline:
         self, plan: EpochPlan, reports: list[StageReport], origin: float, wall: float
     ) -> EpochResult:
         records = [shifted(rep.records, -origin) for rep in reports]
-        executed = Schedule(
-            self.policy,
-            [[r.action for r in stage] for stage in records],
-            self.microbatches,
-            plan.minibatches,
-            weight_stashing=self.weight_stashing,
-        )
-        sim = simulate(executed, self.costs)
+        sim = self._predicted(plan.schedule(), [[r.action for r in stage] for stage in records])
         if self._trace is None:
             self._trace = records
             self._trace_epoch = plan.epoch
@@ -426,6 +427,26 @@ class Pipeline:
             overruns=[rep.overruns for rep in reports],
             cycle_s=plan.cycle_s,
         )
+
+    def _predicted(self, planned: Schedule, executed: list[list[Action]]) -> SimResult:
+        """The simulator's account of the actions executed. Interpreters run their lists in
+        order, so this is the planned schedule's, simulated once per schedule and costs."""
+        if any(
+            tuple(done) != acts for done, acts in zip(executed, planned.stages, strict=True)
+        ):  # never expected; simulate what really ran
+            ran = Schedule(
+                self.policy,
+                executed,
+                self.microbatches,
+                planned.minibatches,
+                weight_stashing=self.weight_stashing,
+            )
+            return simulate(ran, self.costs)
+        key = (id(planned), self.costs)
+        hit = self._simulated.get(key)
+        if hit is None or hit[0] is not planned:
+            hit = self._simulated[key] = (planned, simulate(planned, self.costs))
+        return hit[1]
 
     def evaluate(self, data: Dataset, stream: int | None = None) -> dict[str, float]:
         """Mean loss (and accuracy for classification) of the current model on ``data``.

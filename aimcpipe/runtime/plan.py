@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import nn
@@ -60,9 +61,8 @@ class EpochPlan:
     timeout_s: float
 
     def schedule(self) -> Schedule:
-        options = {"weight_stashing": True} if self.weight_stashing else {}
-        return build_schedule(
-            self.policy, self.num_stages, self.microbatches, self.minibatches, **options
+        return cached_schedule(
+            self.policy, self.num_stages, self.microbatches, self.minibatches, self.weight_stashing
         )
 
     def for_stage(self, s: int) -> EpochPlan:
@@ -70,6 +70,16 @@ class EpochPlan:
         if s in (0, self.num_stages - 1) or self.order is None:
             return self
         return EpochPlan(**{**self.__dict__, "order": None})
+
+
+@lru_cache(maxsize=16)
+def cached_schedule(
+    policy: str, num_stages: int, microbatches: int, minibatches: int, weight_stashing: bool
+) -> Schedule:
+    """The built-in schedule, built once per process for every epoch of the same shape
+    (schedules are immutable)."""
+    options = {"weight_stashing": True} if weight_stashing else {}
+    return build_schedule(policy, num_stages, microbatches, minibatches, **options)
 
 
 @dataclass(frozen=True)

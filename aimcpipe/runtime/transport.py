@@ -52,10 +52,12 @@ class Transport(Protocol):
         ...
 
 
-def _copy(payload: Any) -> Any:
+def _copy(key: Key, payload: Any) -> Any:
     """What crosses a process boundary is a copy; the in-process transport copies too, so a
-    stage that modifies its input in place cannot corrupt its neighbour's autograd graph."""
-    if isinstance(payload, torch.Tensor):
+    stage that modifies its input in place cannot corrupt its neighbour's autograd graph. A
+    gradient is handed over as it is: the stage that computed it keeps no reference to it
+    (its activation stash entry is gone)."""
+    if isinstance(payload, torch.Tensor) and key[0] != "gradient":
         return payload.detach().clone()
     return payload
 
@@ -72,7 +74,7 @@ class LocalTransport:
     def send(self, key: Key, payload: Any) -> None:
         if key in self._box:
             raise StageFailure(f"stage {key[2]}: message {key} sent twice")
-        payload = _copy(payload)
+        payload = _copy(key, payload)
         if isinstance(payload, torch.Tensor) and key[2] != DRIVER:
             nbytes = payload.numel() * payload.element_size()
             self.bytes_sent[key[2]] = self.bytes_sent.get(key[2], 0) + nbytes

@@ -101,7 +101,8 @@ class StageWorker:
             assert order is not None
             source = data.x if kind == "input" else data.y
             assert source is not None, f"stage {self.index} holds no {kind}s of {plan.data}"
-            return source[order[n * b : (n + 1) * b]].to(device, non_blocking=True)
+            batch = source[order[n * b : (n + 1) * b]]
+            return batch if batch.device == device else batch.to(device, non_blocking=True)
 
         return feed
 

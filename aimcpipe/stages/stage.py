@@ -21,13 +21,19 @@ Each stage owns a torch random state (dropout and any other use of torch's globa
 inside its blocks) that is swapped in around every action, so a stage draws the same random
 numbers whatever the other stages do and wherever it runs. (This is the CPU generator; tiles
 have their own generators on any device, but dropout on a CUDA device would draw from the
-process's CUDA generator.)
+process's CUDA generator.) A stage whose blocks are all known never to draw from the global
+generator (:func:`~aimcpipe.stages.randomness.draws_global_random`) skips the swap: it is
+paid on every action.
+
+The activation stash's size in bytes (what autograd saves, weights excluded) is measured
+with saved-tensor hooks on the first forward of each input shape and reused for later
+forwards of the same shape, whose graphs are the same.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,8 +44,10 @@ from aimcpipe.analog.layers import AnalogLayer
 from aimcpipe.analog.tile import AnalogTile
 from aimcpipe.errors import ScheduleError
 from aimcpipe.seeding import derive_seed
+from aimcpipe.stages.backprop import run_backward
+from aimcpipe.stages.randomness import draws_global_random, loss_draws_global_random
 
-__all__ = ["LossFn", "Stage", "StageCounters"]
+__all__ = ["LossFn", "LossStats", "Stage", "StageCounters", "summarize"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -59,6 +67,46 @@ class StageCounters:
 
 
 @dataclass
+class LossStats:
+    """A micro-batch's loss statistics, kept as tensors until they are read: converting each
+    micro-batch's on the spot (``float()``, ``argmax``) cost more than a small stage's
+    compute. :func:`summarize` converts a whole epoch's at once."""
+
+    loss: torch.Tensor
+    output: torch.Tensor | None  # the logits of a classification, else None
+    target: torch.Tensor
+
+    def as_dict(self) -> dict[str, float]:
+        return summarize([self])[0]
+
+
+def summarize(stats: Sequence[LossStats]) -> list[dict[str, float]]:
+    """``{"loss", "samples"[, "correct"]}`` per micro-batch, as floats."""
+    if not stats:
+        return []
+    losses = torch.stack([s.loss.reshape(()) for s in stats]).tolist()
+    out = [
+        {"loss": float(loss), "samples": float(len(s.target))}
+        for loss, s in zip(losses, stats, strict=True)
+    ]
+    scored = [(i, s) for i, s in enumerate(stats) if s.output is not None]
+    if scored:
+        shapes = {(s.output.shape, s.target.shape) for _, s in scored}  # type: ignore[union-attr]
+        if len(shapes) == 1:  # one batched comparison for the whole epoch
+            outputs = torch.stack([s.output for _, s in scored])  # type: ignore[misc]
+            targets = torch.stack([s.target for _, s in scored])
+            correct = (outputs.argmax(dim=2) == targets).sum(dim=1).tolist()
+        else:
+            correct = [
+                int((s.output.argmax(dim=1) == s.target).sum())  # type: ignore[union-attr]
+                for _, s in scored
+            ]
+        for (i, _), c in zip(scored, correct, strict=True):
+            out[i]["correct"] = float(c)
+    return out
+
+
+@dataclass
 class _Stashed:
     """What F(n) leaves for B(n): the input leaf, the output (or loss) and the version."""
 
@@ -66,6 +114,9 @@ class _Stashed:
     output: torch.Tensor
     version: int
     nbytes: int
+
+
+_NO_SWAP = nullcontext()
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -105,6 +156,8 @@ class Stage:
         anchors = {id(layer.anchor) for layer in self.analog}
         self.digital = [p for p in self.modules.parameters() if id(p) not in anchors]
         self._tiles = [m for m in self.modules.modules() if isinstance(m, AnalogTile)]
+        # each analog layer's list of recorded (x, d), read without nn.Module lookups
+        self._records_of = [layer.analog.pending for layer in self.analog]
         # storages of weights, which autograd also saves but are not activations (updates are
         # in place, so these stay valid; build stages after moving the model to its device)
         self._weight_storages = {t.untyped_storage().data_ptr() for t in self._weight_tensors()}
@@ -118,6 +171,12 @@ class Stage:
         self._seed = seed
         generator = torch.Generator().manual_seed(derive_seed(seed, "stage-rng", index))
         self._rng_state = generator.get_state()
+        self._swaps_rng = draws_global_random(self.modules) or (
+            self.is_last and loss_draws_global_random(loss_fn)
+        )
+        self._stash_nbytes: dict[tuple[Any, ...], int] = {}  # input signature -> bytes
+        self._held_bytes = 0  # activation stashes + pending updates
+        self._snapshot_bytes = 0
 
     # -- bookkeeping -----------------------------------------------------------------------
     @property
@@ -127,16 +186,18 @@ class Stage:
 
     def _note_stash(self) -> None:
         c = self.counters
-        c.peak_stash = max(c.peak_stash, self.held)
-        nbytes = (
-            sum(s.nbytes for s in self._stash.values())
-            + sum(self._pending_bytes.values())
-            + sum(_nbytes(t) for snap in self._snapshots.values() for t in snap)
-        )
-        c.peak_stash_bytes = max(c.peak_stash_bytes, nbytes)
+        held = len(self._stash) + len(self._pending)
+        if held > c.peak_stash:
+            c.peak_stash = held
+        nbytes = self._held_bytes + self._snapshot_bytes
+        if nbytes > c.peak_stash_bytes:
+            c.peak_stash_bytes = nbytes
+
+    def _own_rng(self) -> AbstractContextManager[None]:
+        return self._swapped_rng() if self._swaps_rng else _NO_SWAP
 
     @contextmanager
-    def _own_rng(self) -> Iterator[None]:
+    def _swapped_rng(self) -> Iterator[None]:
         saved = torch.get_rng_state()
         torch.set_rng_state(self._rng_state)
         try:
@@ -153,17 +214,49 @@ class Stage:
     # -- actions ---------------------------------------------------------------------------
     def forward(
         self, n: int, x: torch.Tensor, target: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, dict[str, float] | None]:
-        """F(n). Returns the activation to send downstream (detached), or on the last stage
-        ``(loss, stats)`` where stats holds the micro-batch's loss and correct count."""
+    ) -> tuple[torch.Tensor, LossStats | None]:
+        """F(n). Returns ``(activation, None)`` with the activation to send downstream
+        (detached), or on the last stage ``(loss, stats)`` where stats holds the
+        micro-batch's loss and what its correct count is computed from (:class:`LossStats`;
+        ``stats.as_dict()`` or :func:`summarize` give the numbers)."""
         if n in self._stash or n in self._pending:
             raise ScheduleError(f"stage {self.index}: F{n} runs twice")
         if not self.is_first and x.is_floating_point():
             x = x.detach().requires_grad_(True)
         if self.weight_stashing and self.version not in self._snapshots:
             self._snapshots[self.version] = [t.detach().clone() for t in self._stashable()]
-        # what autograd keeps for the backward is the activation stash's real size (weights,
-        # which autograd also saves, are not activations)
+            self._snapshot_bytes = sum(_nbytes(t) for v in self._snapshots.values() for t in v)
+        signature = (x.shape, x.dtype, None if target is None else target.shape)
+        nbytes = self._stash_nbytes.get(signature)
+        with self._own_rng(), _NO_SWAP if torch.is_grad_enabled() else torch.enable_grad():
+            if nbytes is None:
+                y, stats, nbytes = self._measured_forward(n, x, target)
+                self._stash_nbytes[signature] = nbytes
+            else:
+                y, stats = self._forward(n, x, target)
+        self._stash[n] = _Stashed(x, y, self.version, nbytes)
+        self._held_bytes += nbytes
+        self._note_stash()
+        return (y.detach(), stats)
+
+    def _forward(
+        self, n: int, x: torch.Tensor, target: torch.Tensor | None
+    ) -> tuple[torch.Tensor, LossStats | None]:
+        y = self._run_blocks(x)
+        if not self.is_last:
+            return y, None
+        if target is None:
+            raise ScheduleError(f"stage {self.index}: F{n} has no target")
+        assert self.loss_fn is not None
+        loss = self.loss_fn(y, target)
+        classified = y.dim() == 2 and target.dim() == 1 and not target.is_floating_point()
+        return loss, LossStats(loss.detach(), y.detach() if classified else None, target)
+
+    def _measured_forward(
+        self, n: int, x: torch.Tensor, target: torch.Tensor | None
+    ) -> tuple[torch.Tensor, LossStats | None, int]:
+        """:meth:`_forward` with the bytes autograd saves for the backward counted (weights,
+        which autograd also saves, are not activations; the input always counts)."""
         weights = self._weight_storages
         saved: dict[int, int] = {}
 
@@ -174,27 +267,10 @@ class Stage:
                     saved[ptr] = t.untyped_storage().nbytes()
             return t
 
-        with (
-            self._own_rng(),
-            torch.enable_grad(),
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
-        ):
-            y = self._run_blocks(x)
-            stats = None
-            if self.is_last:
-                if target is None:
-                    raise ScheduleError(f"stage {self.index}: F{n} has no target")
-                assert self.loss_fn is not None
-                loss = self.loss_fn(y, target)
-                stats = {"loss": float(loss.detach()), "samples": float(len(target))}
-                if y.dim() == 2 and target.dim() == 1 and not target.is_floating_point():
-                    correct = (y.detach().argmax(dim=1) == target).sum()
-                    stats["correct"] = float(correct)
-                y = loss
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y, stats = self._forward(n, x, target)
         saved.setdefault(x.untyped_storage().data_ptr(), _nbytes(x))
-        self._stash[n] = _Stashed(x, y, self.version, sum(saved.values()))
-        self._note_stash()
-        return (y.detach(), stats)
+        return y, stats, sum(saved.values())
 
     def backward(self, n: int, grad: torch.Tensor | None = None) -> torch.Tensor | None:
         """B(n). ``grad`` is d(loss)/d(output) from the next stage (None on the last stage).
@@ -209,22 +285,28 @@ class Stage:
         delay = self.version - stashed.version
         hist = self.counters.staleness_histogram
         hist[delay] = hist.get(delay, 0) + 1
-        for layer in self.analog:
-            layer.analog.pending.clear()
+        records_of = self._records_of
+        for pending in records_of:
+            pending.clear()
         for p in self.digital:
             p.grad = None
-        with self._own_rng(), self._weights_of(stashed.version):
-            stashed.output.backward(grad)
-        records = [list(layer.analog.pending) for layer in self.analog]
+        self._held_bytes -= stashed.nbytes
+        if self.weight_stashing:
+            with self._own_rng(), self._weights_of(stashed.version):
+                run_backward(stashed.output, grad)
+        else:
+            with self._own_rng():
+                run_backward(stashed.output, grad)
+        records = [pending[:] for pending in records_of]
         grads = [p.grad for p in self.digital]
-        for layer in self.analog:
-            layer.analog.pending.clear()
+        for pending in records_of:
+            pending.clear()
         for p in self.digital:
-            p.grad = None
+            p.grad = None  # the gradient is now only ours (update may add into it)
         self._pending[n] = (records, grads)
-        self._pending_bytes[n] = sum(
-            _nbytes(x) + _nbytes(d) for per_layer in records for x, d in per_layer
-        )
+        pending = sum(_nbytes(x) + _nbytes(d) for per_layer in records for x, d in per_layer)
+        self._pending_bytes[n] = pending
+        self._held_bytes += pending
         self._release_snapshots()
         self._note_stash()
         if self.is_first or not stashed.inputs.requires_grad:
@@ -242,7 +324,7 @@ class Stage:
             )
         entries = [self._pending.pop(n) for n in microbatches]
         for n in microbatches:
-            del self._pending_bytes[n]
+            self._held_bytes -= self._pending_bytes.pop(n)
         scale = 1.0 / len(entries)
         for i, layer in enumerate(self.analog):
             layer.analog.pending[:] = [rec for records, _ in entries for rec in records[i]]
@@ -253,7 +335,7 @@ class Stage:
                 g = grads[j]
                 if g is None:
                     continue
-                total = g.clone() if total is None else total.add_(g)
+                total = g if total is None else total.add_(g)  # backward handed them over
             if total is not None:
                 p.data.add_(total, alpha=-self.lr * scale)
         self.version += len(entries)
@@ -290,6 +372,7 @@ class Stage:
         for version in list(self._snapshots):
             if version not in live:
                 del self._snapshots[version]
+        self._snapshot_bytes = sum(_nbytes(t) for v in self._snapshots.values() for t in v)
 
     # -- inference and state ---------------------------------------------------------------
     @contextmanager

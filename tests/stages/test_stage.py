@@ -286,3 +286,105 @@ def test_stash_bytes_count_what_autograd_keeps():
     assert stage.counters.peak_stash_bytes >= 4 * B * (6 + 8 + 8)
     weights = sum(t.numel() * t.element_size() for t in stage._weight_tensors())
     assert stage.counters.peak_stash_bytes < weights  # the weights are not counted
+
+
+def test_stash_bytes_are_measured_once_per_input_shape_and_stay_right():
+    model = _model()
+    blocks = [(str(i), m) for i, m in enumerate(model)]
+    stage = Stage(0, 2, blocks[:2], lr=0.1)
+    x, _ = _data(4)
+    stage.forward(0, x[:B])
+    one = stage.counters.peak_stash_bytes
+    stage.forward(1, x[B : 2 * B])  # same shape: the measured size is reused
+    assert stage.counters.peak_stash_bytes == 2 * one
+    stage.forward(2, x[2 * B :])  # a new shape (2B samples) is measured afresh
+    assert len(stage._stash_nbytes) == 2
+    assert stage._stash[2].nbytes != one
+    assert stage.counters.peak_stash_bytes == 2 * one + stage._stash[2].nbytes
+    fresh = Stage(0, 2, blocks[:2], lr=0.1)  # measuring the second micro-batch anew agrees
+    fresh.forward(0, x[B : 2 * B])
+    assert fresh.counters.peak_stash_bytes == one
+    for n in range(3):
+        stage.backward(n, torch.ones(B if n < 2 else 2 * B, 8))
+    assert stage._held_bytes == sum(stage._pending_bytes.values())
+
+
+def _interleaving(feed_on: str) -> tuple[list[Action], list[torch.Tensor]]:
+    """Run sync-1f1b on 3 stages with the data fed by the interpreters ("interpreter":
+    replayed interleaving) or by the transport ("transport": decided live)."""
+    model = _model()
+    blocks = [(str(i), m) for i, m in enumerate(model)]
+    stages = [
+        Stage(0, 3, blocks[:1], lr=0.2),
+        Stage(1, 3, blocks[1:2], lr=0.2),
+        Stage(2, 3, blocks[2:], lr=0.2, loss_fn=F.cross_entropy),
+    ]
+    schedule = build_schedule("sync-1f1b", 3, 4, 2)
+    x, y = _data(schedule.num_microbatches)
+
+    def feed(key):
+        kind, n, _, _ = key
+        return (x if kind == "input" else y)[n * B : (n + 1) * B]
+
+    transport = LocalTransport(feed if feed_on == "transport" else None)
+    its = [
+        Interpreter(
+            st, schedule.stages[s], transport, feed=feed if feed_on != "transport" else None
+        )
+        for s, st in enumerate(stages)
+    ]
+    order: list[Action] = []
+    run_local(its, order.append)
+    weights = [t.clone() for st in stages for t in st.model_state().values() if torch.is_tensor(t)]
+    return order, weights
+
+
+def test_replayed_interleaving_is_the_live_one():
+    replayed, weights = _interleaving("interpreter")
+    live, live_weights = _interleaving("transport")
+    assert replayed == live and len(replayed) == 3 * (4 * 2 * 2 + 2)
+    assert weights
+    assert all(torch.equal(a, b) for a, b in zip(weights, live_weights, strict=True))
+
+
+def test_a_replayed_schedule_that_cannot_finish_runs_nothing():
+    model = _model()
+    blocks = [(str(i), m) for i, m in enumerate(model)]
+    stages = [
+        Stage(0, 2, blocks[:2], lr=0.1),
+        Stage(1, 2, blocks[2:], lr=0.1, loss_fn=F.cross_entropy),
+    ]
+    x, y = _data(2)
+
+    def feed(key):
+        return (x if key[0] == "input" else y)[:B]
+
+    lists = [[Action("F", 0, 0)], [Action("F", 1, 1)]]
+    its = [Interpreter(st, lists[s], LocalTransport(), feed=feed) for s, st in enumerate(stages)]
+    with pytest.raises(ScheduleError, match="stage 1 stuck at 1F1"):
+        run_local(its)
+    assert all(it.position == 0 for it in its)
+
+
+def test_loss_statistics_are_summarised_per_microbatch():
+    from aimcpipe.stages.stage import LossStats, summarize
+
+    g = torch.Generator().manual_seed(3)
+    logits = [torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)]
+    targets = [torch.tensor([0, 1, 2, 0]), torch.tensor([2, 2, 1, 0])]
+    odd = (torch.randn(3, 3, generator=g), torch.tensor([1, 0, 2]))  # a shorter micro-batch
+    stats = [
+        LossStats(torch.tensor(0.5), logits[0], targets[0]),
+        LossStats(torch.tensor(0.25), None, torch.randn(4, 2)),  # regression: no accuracy
+        LossStats(torch.tensor(1.5), logits[1], targets[1]),
+    ]
+    out = summarize(stats)
+    assert [o["loss"] for o in out] == [0.5, 0.25, 1.5]
+    assert [o["samples"] for o in out] == [4.0, 4.0, 4.0]
+    want = [float((lg.argmax(1) == t).sum()) for lg, t in zip(logits, targets, strict=True)]
+    assert [out[0]["correct"], out[2]["correct"]] == want
+    assert "correct" not in out[1]
+    mixed = summarize([*stats, LossStats(torch.tensor(2.0), *odd)])  # shapes differ: per item
+    assert mixed[:3] == out
+    assert mixed[3]["correct"] == float((odd[0].argmax(1) == odd[1]).sum())
+    assert summarize([]) == []

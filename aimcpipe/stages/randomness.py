@@ -1,0 +1,66 @@
+"""Which modules may draw from torch's global random generator.
+
+A stage swaps its own random state in around every action so that, say, dropout draws the
+same numbers whatever the other stages do (see :class:`~aimcpipe.stages.Stage`). The swap
+costs a few microseconds, paid on every action; a stage built only of modules known never to
+touch the global generator skips it. Unknown module types (user modules, dropout, RReLU, ...)
+are assumed to draw, so the swap stays wherever it could matter. Analog layers draw only from
+their tiles' own generators.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+from aimcpipe.analog.layers import AnalogConv2d, AnalogLayer, AnalogLinear
+from aimcpipe.stages.zoo import BasicBlock
+
+__all__ = ["deterministic_loss", "draws_global_random", "loss_draws_global_random"]
+
+# Exact types (not subclasses: a subclass may add randomness) that draw no random numbers.
+_DETERMINISTIC: frozenset[type[nn.Module]] = frozenset(
+    {
+        nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.Identity, nn.Flatten, nn.Unflatten,
+        nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
+        nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Embedding,
+        nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
+        nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+        nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+        nn.Mish, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish, nn.Softplus,
+        nn.Softsign, nn.Tanhshrink, nn.Softmax, nn.LogSoftmax,
+        nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+        nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+        nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    }
+)  # fmt: skip
+
+
+def draws_global_random(module: nn.Module) -> bool:
+    """Whether ``module`` or anything inside it might draw from torch's global generator."""
+    known = _DETERMINISTIC | {AnalogLinear, AnalogConv2d, BasicBlock}
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        if type(m) not in known:
+            return True
+        if not isinstance(m, AnalogLayer):  # tiles draw from their own generators only
+            stack.extend(m.children())
+    return False
+
+
+_DETERMINISTIC_LOSSES: set[object] = {
+    F.cross_entropy, F.nll_loss, F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss,
+    F.binary_cross_entropy, F.binary_cross_entropy_with_logits, F.kl_div,
+}  # fmt: skip
+
+
+def deterministic_loss(fn: object) -> object:
+    """Declare that the loss function ``fn`` draws no random numbers (returns ``fn``)."""
+    _DETERMINISTIC_LOSSES.add(fn)
+    return fn
+
+
+def loss_draws_global_random(fn: object) -> bool:
+    """Whether a loss function might draw from torch's global generator (unknown: yes)."""
+    return fn not in _DETERMINISTIC_LOSSES
