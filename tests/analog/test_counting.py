@@ -147,3 +147,68 @@ def test_pulse_counts_are_the_same_with_every_kernel(name, monkeypatch):
     got = pulse_counts(x, d, 0.05, 0.001, 31, torch.Generator().manual_seed(8))
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert float(want[0].sum()) > 0  # the case has coincidences to count
+
+
+def _fake_candidates(monkeypatch, times: dict[str, float]):
+    """Candidates with made-up speeds (``_timed`` reports ``times``), so that the choice's
+    logic is tested without timing anything."""
+    calls: list[tuple[str, int]] = []
+
+    def exact(a, b):
+        return a.to(torch.float32) @ b.to(torch.float32)
+
+    def wrong(a, b):
+        return exact(a, b) + 1
+
+    def broken(a, b):
+        raise RuntimeError("unsupported shape")
+
+    runs = {"fast-but-wrong": wrong, "broken": broken, "quick": exact, "sluggish": exact}
+    fakes = [counting.Candidate(name, fn, ("cpu",)) for name, fn in runs.items()]
+    monkeypatch.setattr(counting, "CANDIDATES", (counting.CANDIDATES[0], *fakes))
+    monkeypatch.setattr(counting, "_BY_NAME", {c.name: c for c in counting.CANDIDATES})
+
+    def timed(kernel, a, b, repeats):
+        name = next(c.name for c in counting.CANDIDATES if c.run is kernel)
+        calls.append((name, a.shape[1]))
+        return times[name]
+
+    monkeypatch.setattr(counting, "_timed", timed)
+    return calls
+
+
+def test_the_fastest_exact_candidate_is_chosen(monkeypatch):
+    times = {"float32": 1.0, "fast-but-wrong": 0.01, "broken": 0.01, "quick": 0.5, "sluggish": 9}
+    calls = _fake_candidates(monkeypatch, times)
+    a, b = _ternary(512, 1000, 256, seed=9)
+    assert counting.kernel_for(a, b) == "quick"
+    timed_full = {name for name, k in calls if k == 1024}
+    assert timed_full == {"float32", "quick"}  # wrong, broken and too slow: never at full size
+    assert torch.equal(counting.count_products(a, b), a.float() @ b.float())
+
+
+def test_float32_stays_when_nothing_beats_it(monkeypatch):
+    times = {"float32": 1.0, "fast-but-wrong": 0.01, "broken": 0.01, "quick": 2.0, "sluggish": 9}
+    _fake_candidates(monkeypatch, times)
+    a, b = _ternary(512, 1000, 256, seed=10)
+    assert counting.kernel_for(a, b) == "float32"
+
+
+def test_a_kernel_that_refuses_a_member_of_its_class_falls_back_to_float32(monkeypatch):
+    def even_only(a, b):
+        if a.shape[1] % 2:
+            raise RuntimeError("k must be even")
+        return a.to(torch.float32) @ b.to(torch.float32)
+
+    picky = counting.Candidate("picky", even_only, ("cpu",))
+    monkeypatch.setattr(counting, "CANDIDATES", (counting.CANDIDATES[0], picky))
+    monkeypatch.setattr(counting, "_BY_NAME", {c.name: c for c in counting.CANDIDATES})
+    speed = {"float32": 1.0, "picky": 0.1}
+    monkeypatch.setattr(
+        counting,
+        "_timed",
+        lambda kernel, a, b, repeats: speed["picky" if kernel is even_only else "float32"],
+    )
+    a, b = _ternary(512, 1001, 256, seed=11)  # odd k: the probe (k = 1024) met the rule
+    assert counting.kernel_for(a, b) == "picky"
+    assert torch.equal(counting.count_products(a, b), a.float() @ b.float())
