@@ -15,9 +15,10 @@ IBM aihwkit happens to be importable, its pulsed ``SoftBoundsReferenceDevice`` w
 dependency of the project). The JSON records the CPU model, cores, torch build and the
 kernels chosen.
 
-Run::
+``--label NAME`` files the run under that name in the JSON, keeping the others (one per
+machine or setting); the PNG shows every run. Run::
 
-    OPENBLAS_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/analog_layer.py
+    OPENBLAS_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/analog_layer.py --label NAME
 """
 
 from __future__ import annotations
@@ -171,6 +172,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--size", type=int, default=SIZE)
     parser.add_argument("--no-kernels", action="store_true", help="skip the forced kernels")
+    parser.add_argument("--label", default="latest", help="name of this run in the JSON")
     parser.add_argument("--out", default="benchmarks/results/analog_layer.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -220,8 +222,15 @@ def main() -> int:
         aihwkit_version = _aihwkit.__version__
     except ImportError:
         aihwkit_version = None
-    record = {
+    run = {
         "command": "OPENBLAS_NUM_THREADS=1 PYTHONPATH=. python " + " ".join(sys.argv),
+        "environment": {
+            k: v
+            for k, v in os.environ.items()
+            if k.endswith("_ISA")
+            or "CAPABILITY" in k
+            or k.startswith(("MKL_", "OMP_", "OPENBLAS_"))
+        },
         "layer": f"{size}x{size}",
         "batch": BATCH,
         "bit_length": BL,
@@ -232,10 +241,67 @@ def main() -> int:
         "count_kernels_chosen": counting.chosen(),
         "results": results,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = json.loads(out.read_text()) if out.exists() else {}
+    if "runs" not in record:  # an older single-run file: start over
+        record = {"benchmark": "analog_layer", "runs": {}}
+    record["runs"][args.label] = run
+    out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"kernels chosen: {counting.chosen()}")
+    plot(record, out.with_suffix(".png"))
     return 0
+
+
+def _num(v: float) -> str:
+    return f"{v:.3g}" if v < 100 else f"{v:.0f}"
+
+
+def plot(record: dict, path: Path) -> None:
+    """Per regime, milliseconds per training step of every case, one bar per run."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return
+    runs = record["runs"]
+    regimes = ("small", "full")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    for ax, regime in zip(axes, regimes, strict=True):
+        names = []
+        for r in runs.values():
+            for name in r["results"]:
+                short = name.split(": ", 1)[1]
+                if name.startswith(regime) and "[" not in name and short not in names:
+                    names.append(short)
+        width = 0.8 / max(1, len(runs))
+        for i, (label, r) in enumerate(runs.items()):
+            ms = [r["results"].get(f"{regime}: {n}", {}).get("median_ms", 0.0) for n in names]
+            ys = [j + i * width for j in range(len(names))]
+            cpu = r["machine"].get("cpu_model", "?")
+            ax.barh(ys, ms, height=width, label=f"{label} ({cpu}, {r['machine']['cpus']} cores)")
+            base = r["results"][f"{regime}: digital nn.Linear + SGD"]["median_ms"]
+            for y, v in zip(ys, ms, strict=True):
+                if v:
+                    ax.text(v * 1.05, y, f"{_num(v)} ms ({_num(v / base)}x)", va="center", fontsize=7)
+        ax.set_yticks([j + width * (len(runs) - 1) / 2 for j in range(len(names))], names)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlim(right=ax.get_xlim()[1] * 25)  # room for the labels
+        ax.set_xlabel("ms per training step (median, log scale)")
+        title = "small updates (BL ~ 1)" if regime == "small" else "full bit length (BL 31)"
+        ax.set_title(f"512x512 layer, batch 128: {title}")
+        ax.grid(axis="x", alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(runs), fontsize=8)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
 
 
 if __name__ == "__main__":

@@ -33,11 +33,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info  # noqa: E402
+from machine import machine_info
 
-from aimcpipe.analog import AnalogConfig, AnalogSGD, DeviceConfig, convert  # noqa: E402
-from aimcpipe.runtime import Pipeline, epoch_order, load_dataset  # noqa: E402
-from aimcpipe.stages import build_model  # noqa: E402
+from aimcpipe.analog import AnalogConfig, AnalogSGD, DeviceConfig, convert
+from aimcpipe.runtime import Pipeline, epoch_order, load_dataset
+from aimcpipe.stages import build_model
 
 CONFIG = AnalogConfig(rule="analog-sgd", device=DeviceConfig(kind="soft-bounds", tau=1.0))
 BM, MB = 4, 8
