@@ -287,7 +287,8 @@ def plot(record: dict, path: Path) -> None:
             base = r["results"][f"{regime}: digital nn.Linear + SGD"]["median_ms"]
             for y, v in zip(ys, ms, strict=True):
                 if v:
-                    ax.text(v * 1.05, y, f"{_num(v)} ms ({_num(v / base)}x)", va="center", fontsize=7)
+                    label_ = f"{_num(v)} ms ({_num(v / base)}x)"
+                    ax.text(v * 1.05, y, label_, va="center", fontsize=7)
         ax.set_yticks([j + width * (len(runs) - 1) / 2 for j in range(len(names))], names)
         ax.invert_yaxis()
         ax.set_xscale("log")
