@@ -15,6 +15,15 @@ IBM aihwkit happens to be importable, its pulsed ``SoftBoundsReferenceDevice`` w
 dependency of the project). The JSON records the CPU model, cores, torch build and the
 kernels chosen.
 
+To time aihwkit too, install it in a separate virtual environment with this project: PyPI
+has only its source, which builds in about 12 minutes on 2 cores and needs a C++ compiler,
+cmake and OpenBLAS (Debian: ``build-essential cmake libopenblas-dev``; pip: ``scikit-build
+pybind11 ninja``; then ``USE_CUDA=OFF SKBUILD_CONFIGURE_OPTIONS="-DRPU_BLAS=OpenBLAS
+-DUSE_CUDA=OFF" pip install --no-build-isolation aihwkit==1.2.0``). Its install may replace
+torch with a newer CUDA build: put ``torch==2.13.0`` back with ``pip install --no-deps`` (the
+extension then still loaded and ran here). Set ``OPENBLAS_NUM_THREADS=1`` when timing:
+OpenBLAS's own threads fight torch's on a small machine.
+
 ``--label NAME`` files the run under that name in the JSON, keeping the others (one per
 machine or setting); the PNG shows every run. Run::
 
