@@ -39,6 +39,7 @@ variable ``AIMCPIPE_COUNT_KERNEL`` forces one candidate (for tests and benchmark
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -46,6 +47,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger(__name__)
 
 __all__ = ["CANDIDATES", "ENV", "chosen", "count_products", "kernel_for", "reset"]
 
@@ -189,7 +192,10 @@ def _measure(m: int, k: int, n: int, device: torch.device) -> str:
             continue
         if _exact(candidate, a, b, want):
             times[candidate.name] = _timed(candidate.run, a, b, repeats=3)
-    return min(times, key=times.__getitem__)
+    best = min(times, key=times.__getitem__)
+    measured = ", ".join(f"{name} {1e3 * t:.3g} ms" for name, t in times.items())
+    log.info("count kernel for %s %dx%dx%d: %s (%s)", device, m, k, n, best, measured)
+    return best
 
 
 def kernel_for(a: torch.Tensor, b: torch.Tensor) -> str:
