@@ -73,7 +73,7 @@ class LossStats:
     compute. :func:`summarize` converts a whole epoch's at once."""
 
     loss: torch.Tensor
-    output: torch.Tensor | None  # the logits of a classification, else None
+    predicted: torch.Tensor | None  # a classification's predicted classes, else None
     target: torch.Tensor
 
     def as_dict(self) -> dict[str, float]:
@@ -89,18 +89,15 @@ def summarize(stats: Sequence[LossStats]) -> list[dict[str, float]]:
         {"loss": float(loss), "samples": float(len(s.target))}
         for loss, s in zip(losses, stats, strict=True)
     ]
-    scored = [(i, s) for i, s in enumerate(stats) if s.output is not None]
+    scored = [(i, s) for i, s in enumerate(stats) if s.predicted is not None]
     if scored:
-        shapes = {(s.output.shape, s.target.shape) for _, s in scored}  # type: ignore[union-attr]
+        shapes = {s.target.shape for _, s in scored}
         if len(shapes) == 1:  # one batched comparison for the whole epoch
-            outputs = torch.stack([s.output for _, s in scored])  # type: ignore[misc]
+            predicted = torch.stack([s.predicted for _, s in scored])  # type: ignore[misc]
             targets = torch.stack([s.target for _, s in scored])
-            correct = (outputs.argmax(dim=2) == targets).sum(dim=1).tolist()
+            correct = (predicted == targets).sum(dim=1).tolist()
         else:
-            correct = [
-                int((s.output.argmax(dim=1) == s.target).sum())  # type: ignore[union-attr]
-                for _, s in scored
-            ]
+            correct = [int((s.predicted == s.target).sum()) for _, s in scored]
         for (i, _), c in zip(scored, correct, strict=True):
             out[i]["correct"] = float(c)
     return out
@@ -250,7 +247,9 @@ class Stage:
         assert self.loss_fn is not None
         loss = self.loss_fn(y, target)
         classified = y.dim() == 2 and target.dim() == 1 and not target.is_floating_point()
-        return loss, LossStats(loss.detach(), y.detach() if classified else None, target)
+        # the predicted classes, not the logits, are kept: an epoch of logits can be large
+        predicted = y.detach().argmax(dim=1) if classified else None
+        return loss, LossStats(loss.detach(), predicted, target)
 
     def _measured_forward(
         self, n: int, x: torch.Tensor, target: torch.Tensor | None

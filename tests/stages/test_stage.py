@@ -374,9 +374,9 @@ def test_loss_statistics_are_summarised_per_microbatch():
     targets = [torch.tensor([0, 1, 2, 0]), torch.tensor([2, 2, 1, 0])]
     odd = (torch.randn(3, 3, generator=g), torch.tensor([1, 0, 2]))  # a shorter micro-batch
     stats = [
-        LossStats(torch.tensor(0.5), logits[0], targets[0]),
+        LossStats(torch.tensor(0.5), logits[0].argmax(1), targets[0]),
         LossStats(torch.tensor(0.25), None, torch.randn(4, 2)),  # regression: no accuracy
-        LossStats(torch.tensor(1.5), logits[1], targets[1]),
+        LossStats(torch.tensor(1.5), logits[1].argmax(1), targets[1]),
     ]
     out = summarize(stats)
     assert [o["loss"] for o in out] == [0.5, 0.25, 1.5]
@@ -384,7 +384,8 @@ def test_loss_statistics_are_summarised_per_microbatch():
     want = [float((lg.argmax(1) == t).sum()) for lg, t in zip(logits, targets, strict=True)]
     assert [out[0]["correct"], out[2]["correct"]] == want
     assert "correct" not in out[1]
-    mixed = summarize([*stats, LossStats(torch.tensor(2.0), *odd)])  # shapes differ: per item
+    shorter = LossStats(torch.tensor(2.0), odd[0].argmax(1), odd[1])
+    mixed = summarize([*stats, shorter])  # shapes differ: compared one by one
     assert mixed[:3] == out
     assert mixed[3]["correct"] == float((odd[0].argmax(1) == odd[1]).sum())
     assert summarize([]) == []
