@@ -8,7 +8,9 @@ more than on anything we can read from it: on one 2-core AMD EPYC (AVX2) int8 ×
 Intel Xeon with AMX it is the fastest of all. So the kernel is chosen by measurement, once
 per process, device and *shape class* (each dimension rounded up to a power of two), among
 the candidates that the device supports (products of under 2²⁰ multiply-adds, where any
-kernel takes microseconds, use ``float32`` without measuring):
+kernel takes microseconds, use ``float32`` without measuring; the probe is capped at
+512 × 8192 × 512, so the first product of a new class costs at most a few hundred
+milliseconds, and a probe that fails, e.g. for lack of device memory, settles on float32):
 
 ``float32``
     ``a.float() @ b.float()``. Always available; it is the reference every other candidate
@@ -32,7 +34,9 @@ Counts are returned as float32, exact up to 2²⁴ coincidences per cross-point 
 any batch × bit length in practice). Whichever kernel runs, the counts are the same integers
 and the random stream is untouched (the bits are drawn before the product), so the choice
 never changes a result. A product that the chosen kernel refuses (a shape rule of a member
-of its class that the probe did not meet) is counted by ``float32`` instead. The environment
+of its class that the probe did not meet, or a forced kernel this torch lacks) is counted by
+``float32`` instead. Every kernel works through the inner dimension in blocks, so its
+working copies stay bounded however many slots a product has. The environment
 variable ``AIMCPIPE_COUNT_KERNEL`` forces one candidate (for tests and benchmarks);
 :func:`chosen` reports what was picked.
 """
@@ -57,8 +61,22 @@ ENV = "AIMCPIPE_COUNT_KERNEL"
 Kernel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+# Kernels work through the inner dimension in blocks, so that their float or half copies of
+# the operands (and the chunked kernels' partial products) stay a bounded size however many
+# slots a product has.
+_BLOCK_K = 1 << 16
+_PARTIALS = 1 << 24  # elements of partial products held at once by the chunked kernels
+
+
 def _float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return a.to(torch.float32).mm(b.to(torch.float32))
+    k = a.shape[1]
+    if k <= _BLOCK_K:
+        return a.to(torch.float32).mm(b.to(torch.float32))
+    out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float32, device=a.device)
+    for lo in range(0, k, _BLOCK_K):
+        hi = min(k, lo + _BLOCK_K)
+        out.addmm_(a[:, lo:hi].to(torch.float32), b[lo:hi].to(torch.float32))
+    return out
 
 
 def _int8(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -81,9 +99,14 @@ def _chunked(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, chunk: int) -
         a = torch.cat([a, a.new_zeros(m, pad)], dim=1)
         b = torch.cat([b, b.new_zeros(pad, n)], dim=0)
     q = (k + pad) // chunk
-    left = a.to(dtype).view(m, q, chunk).transpose(0, 1)
-    right = b.to(dtype).view(q, chunk, n)
-    return torch.bmm(left, right).sum(dim=0, dtype=torch.float32)
+    group = max(1, _PARTIALS // max(1, m * n))  # slices per batched product
+    out = torch.zeros(m, n, dtype=torch.float32, device=a.device)
+    for lo in range(0, q, group):
+        hi = min(q, lo + group)
+        left = a[:, lo * chunk : hi * chunk].to(dtype).view(m, hi - lo, chunk).transpose(0, 1)
+        right = b[lo * chunk : hi * chunk].to(dtype).view(hi - lo, chunk, n)
+        out.add_(torch.bmm(left, right).sum(dim=0, dtype=torch.float32))
+    return out
 
 
 def _bfloat16(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -115,6 +138,9 @@ _BY_NAME = {c.name: c for c in CANDIDATES}
 # A candidate is first screened on a corner of the product (see _measure).
 _SCREEN_K, _SCREEN_MN = 128, 256
 _SCREEN_RATIO = 3.0
+# The probe itself is at most this big (a class larger in any dimension is represented by
+# it), so that measuring costs well under a second and little memory.
+_PROBE_MN, _PROBE_K = 512, 8192
 # Below this many multiply-adds every kernel takes microseconds: float32, without measuring.
 _SMALL = 1 << 20
 
@@ -213,9 +239,14 @@ def kernel_for(a: torch.Tensor, b: torch.Tensor) -> str:
         name = _choices.get(key)
         if name is None:
             _, _, m, k, n = key
-            # measure at the class's own size (its upper bound) so that every member of the
-            # class is represented by the same probe
-            name = _choices[key] = _measure(m, k, n, a.device)
+            # measure at the class's own size (its upper bound, capped), so that every member
+            # of the class is represented by the same probe
+            try:
+                name = _measure(min(m, _PROBE_MN), min(k, _PROBE_K), min(n, _PROBE_MN), a.device)
+            except (RuntimeError, MemoryError) as exc:  # e.g. out of device memory
+                log.warning("count kernel probe failed (%s); using float32", exc)
+                name = "float32"
+            _choices[key] = name
     return name
 
 
@@ -228,7 +259,8 @@ def count_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return _float32(a, b)
     try:
         return _BY_NAME[name].run(a, b)
-    except RuntimeError:  # a shape rule the class's probe did not meet
+    except (RuntimeError, TypeError, AttributeError, NotImplementedError):
+        # a shape rule the class's probe did not meet, or a forced kernel this torch lacks
         return _float32(a, b)
 
 

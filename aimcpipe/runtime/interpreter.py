@@ -31,6 +31,7 @@ from aimcpipe.stages.stage import LossStats, Stage, summarize
 __all__ = ["ActionRecord", "Interpreter", "run_local"]
 
 Feed = Callable[[Key], Any]
+_SUMMARISE_EVERY = 256  # micro-batches of loss statistics converted at once
 
 
 class ActionRecord(NamedTuple):
@@ -61,13 +62,14 @@ def _sends(action: Action, num_stages: int) -> Key | None:
 
 
 _Wiring = tuple[tuple[tuple[Key, ...], ...], tuple[Key | None, ...]]
-_wired: dict[int, tuple[tuple[Action, ...], _Wiring]] = {}
+_wired: dict[tuple[int, int], tuple[tuple[Action, ...], _Wiring]] = {}
 
 
 def _wiring(actions: tuple[Action, ...], num_stages: int) -> _Wiring:
     """Per action, the keys it receives and the key it sends. Epochs of the same shape share
     one (cached) schedule, so this is derived once per action list, not once per epoch."""
-    hit = _wired.get(id(actions))
+    key = (id(actions), num_stages)
+    hit = _wired.get(key)
     if hit is not None and hit[0] is actions:
         return hit[1]
     wiring = (
@@ -76,7 +78,7 @@ def _wiring(actions: tuple[Action, ...], num_stages: int) -> _Wiring:
     )
     if len(_wired) >= 64:
         _wired.clear()
-    _wired[id(actions)] = (actions, wiring)  # holding the tuple keeps its id from reuse
+    _wired[key] = (actions, wiring)  # holding the tuple keeps its id from reuse
     return wiring
 
 
@@ -108,7 +110,8 @@ class Interpreter:
         self.pace = pace
         self.position = 0
         self.records: list[ActionRecord] = []
-        self._stats: list[LossStats] = []
+        self._stats: list[LossStats] = []  # not yet summarised
+        self._summary: list[dict[str, float]] = []
         self.overruns = 0
         self.overrun_s = 0.0
         self._needs, self._sends = _wiring(self.actions, stage.num_stages)
@@ -116,7 +119,7 @@ class Interpreter:
     @property
     def stats(self) -> list[dict[str, float]]:
         """The last stage's loss statistics per micro-batch so far (converted on reading)."""
-        return summarize(self._stats)
+        return self._summary + summarize(self._stats)
 
     @property
     def done(self) -> bool:
@@ -173,6 +176,9 @@ class Interpreter:
             self.transport.send(key, out)
         if stats is not None:
             self._stats.append(stats)
+            if len(self._stats) >= _SUMMARISE_EVERY:  # bound the logits held
+                self._summary.extend(summarize(self._stats))
+                self._stats.clear()
         origin = self.origin
         self.records.append(ActionRecord(action, start - origin, end - origin))
         self.position = position + 1
@@ -252,12 +258,12 @@ def run_local(
     """Interleave all stages in this process in the order of :func:`_sweeps`. That order
     depends only on the action lists, which epochs of the same shape share, so it is worked
     out once and replayed (each step still receives exactly the messages it needs, or
-    fails). Interpreters that read data from the transport rather than a feed are swept
-    live, since their data may arrive at any time."""
-    if any(it.feed is None for it in interpreters):
+    fails). Interpreters that read data from the transport rather than a feed, or that have
+    already run part of their lists (messages may be waiting), are swept live."""
+    if any(it.feed is None or it.position for it in interpreters):
         _run_live(interpreters, on_action)
         return
-    key = tuple(id(it.actions) for it in interpreters) + tuple(it.position for it in interpreters)
+    key = tuple(id(it.actions) for it in interpreters)
     hit = _interleavings.get(key)
     lists = tuple(it.actions for it in interpreters)
     if hit is None or any(a is not b for a, b in zip(hit[0], lists, strict=True)):

@@ -111,6 +111,7 @@ class StageWorker:
         """This stage's interpreter for ``plan`` (times on this process's clock)."""
         self.stage.lr = plan.lr
         self.stage.counters = StageCounters()
+        self.stage.recheck_randomness()
         actions = plan.schedule().stages[self.index]
         pace = None
         if plan.cycle_s:

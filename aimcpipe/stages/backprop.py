@@ -10,7 +10,8 @@ engine called through ``torch.autograd.graph._engine_run_backward``, the functio
 
 That function is private to PyTorch. It is used only after a probe (once per process) shows
 that it exists and accumulates gradients exactly as ``Tensor.backward`` does, and only for
-calls of that simple case; anything else, or a torch where the probe fails, takes the public
+calls of that simple case (plain tensors, not subclasses, whose ``__torch_function__`` may
+change what backward does); anything else, or a torch where the probe fails, takes the public
 path. Both give the same gradients bit for bit.
 """
 
@@ -58,7 +59,8 @@ def run_backward(output: torch.Tensor, grad: torch.Tensor | None) -> None:
                 _engine = _probe()
                 _probed = True
     engine = _engine
-    if engine is None or not output.requires_grad:
+    if engine is None or not output.requires_grad or type(output) is not torch.Tensor:
+        # (a tensor subclass may change what backward does: the public path honours it)
         output.backward(grad)
         return
     if grad is None:
@@ -66,7 +68,7 @@ def run_backward(output: torch.Tensor, grad: torch.Tensor | None) -> None:
             output.backward(grad)  # the public path raises its own clear error
             return
         grad = torch.ones_like(output)
-    elif grad.shape != output.shape or grad.dtype != output.dtype:
+    elif type(grad) is not torch.Tensor or grad.shape != output.shape or grad.dtype != output.dtype:
         output.backward(grad)
         return
     engine((output,), (grad,), False, False, (), allow_unreachable=True, accumulate_grad=True)

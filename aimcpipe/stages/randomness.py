@@ -3,8 +3,10 @@
 A stage swaps its own random state in around every action so that, say, dropout draws the
 same numbers whatever the other stages do (see :class:`~aimcpipe.stages.Stage`). The swap
 costs a few microseconds, paid on every action; a stage built only of modules known never to
-touch the global generator skips it. Unknown module types (user modules, dropout, RReLU, ...)
-are assumed to draw, so the swap stays wherever it could matter. Analog layers draw only from
+touch the global generator, with no module hooks, skips it. Unknown module types (user
+modules, dropout, RReLU, ...) and hooks (user code run inside a module) are assumed to draw,
+so the swap stays wherever it could matter. A stage decides again at the start of every
+epoch, so hooks registered between epochs are seen. Analog layers draw only from
 their tiles' own generators.
 """
 
@@ -36,13 +38,37 @@ _DETERMINISTIC: frozenset[type[nn.Module]] = frozenset(
 )  # fmt: skip
 
 
+_MODULE_HOOKS = (
+    "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+)  # fmt: skip
+_GLOBAL_HOOKS = (
+    "_global_forward_hooks", "_global_forward_pre_hooks",
+    "_global_backward_hooks", "_global_backward_pre_hooks",
+)  # fmt: skip
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    """Hooks run user code inside the module's forward or backward (noise injection, say).
+    Where torch's hook tables cannot be read, assume there are hooks."""
+    return any(getattr(m, name, True) for name in _MODULE_HOOKS)
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as torch_module
+
+    return any(getattr(torch_module, name, True) for name in _GLOBAL_HOOKS)
+
+
 def draws_global_random(module: nn.Module) -> bool:
-    """Whether ``module`` or anything inside it might draw from torch's global generator."""
+    """Whether ``module`` or anything inside it might draw from torch's global generator: a
+    module of a type not known to draw nothing, or any module hook (a hook is user code)."""
+    if _global_hooks():
+        return True
     known = _DETERMINISTIC | {AnalogLinear, AnalogConv2d, BasicBlock}
     stack = [module]
     while stack:
         m = stack.pop()
-        if type(m) not in known:
+        if type(m) not in known or _has_hooks(m):
             return True
         if not isinstance(m, AnalogLayer):  # tiles draw from their own generators only
             stack.extend(m.children())

@@ -66,15 +66,18 @@ class StageCounters:
         return max(self.staleness_histogram, default=0)
 
 
-@dataclass
+@dataclass(slots=True)
 class LossStats:
     """A micro-batch's loss statistics, kept as tensors until they are read: converting each
     micro-batch's on the spot (``float()``, ``argmax``) cost more than a small stage's
-    compute. :func:`summarize` converts a whole epoch's at once."""
+    compute. :func:`summarize` converts many at once; whoever keeps them should do so every
+    few hundred micro-batches (the interpreter does), since a classification's logits are
+    kept until then."""
 
     loss: torch.Tensor
-    predicted: torch.Tensor | None  # a classification's predicted classes, else None
-    target: torch.Tensor
+    samples: int
+    logits: torch.Tensor | None = None  # a classification's outputs
+    target: torch.Tensor | None = None  # its labels (kept only for a classification)
 
     def as_dict(self) -> dict[str, float]:
         return summarize([self])[0]
@@ -86,24 +89,27 @@ def summarize(stats: Sequence[LossStats]) -> list[dict[str, float]]:
         return []
     losses = torch.stack([s.loss.reshape(()) for s in stats]).tolist()
     out = [
-        {"loss": float(loss), "samples": float(len(s.target))}
+        {"loss": float(loss), "samples": float(s.samples)}
         for loss, s in zip(losses, stats, strict=True)
     ]
-    scored = [(i, s) for i, s in enumerate(stats) if s.predicted is not None]
+    scored = [(i, s) for i, s in enumerate(stats) if s.logits is not None]
     if scored:
-        shapes = {s.target.shape for _, s in scored}
-        if len(shapes) == 1:  # one batched comparison for the whole epoch
-            predicted = torch.stack([s.predicted for _, s in scored])  # type: ignore[misc]
-            targets = torch.stack([s.target for _, s in scored])
-            correct = (predicted == targets).sum(dim=1).tolist()
+        shapes = {s.logits.shape for _, s in scored}  # type: ignore[union-attr]
+        if len(shapes) == 1:  # one batched comparison for all of them
+            logits = torch.stack([s.logits for _, s in scored])  # type: ignore[misc]
+            targets = torch.stack([s.target for _, s in scored])  # type: ignore[misc]
+            correct = (logits.argmax(dim=2) == targets).sum(dim=1).tolist()
         else:
-            correct = [int((s.predicted == s.target).sum()) for _, s in scored]
+            correct = [
+                int((s.logits.argmax(dim=1) == s.target).sum())  # type: ignore[union-attr]
+                for _, s in scored
+            ]
         for (i, _), c in zip(scored, correct, strict=True):
             out[i]["correct"] = float(c)
     return out
 
 
-@dataclass
+@dataclass(slots=True)
 class _Stashed:
     """What F(n) leaves for B(n): the input leaf, the output (or loss) and the version."""
 
@@ -168,12 +174,19 @@ class Stage:
         self._seed = seed
         generator = torch.Generator().manual_seed(derive_seed(seed, "stage-rng", index))
         self._rng_state = generator.get_state()
-        self._swaps_rng = draws_global_random(self.modules) or (
-            self.is_last and loss_draws_global_random(loss_fn)
-        )
+        self._swaps_rng = True
+        self.recheck_randomness()
         self._stash_nbytes: dict[tuple[Any, ...], int] = {}  # input signature -> bytes
         self._held_bytes = 0  # activation stashes + pending updates
         self._snapshot_bytes = 0
+
+    def recheck_randomness(self) -> None:
+        """Decide whether actions swap in the stage's own random state: only if a module, a
+        hook or the loss might draw from torch's global generator (called at construction
+        and by the worker at every epoch's start)."""
+        self._swaps_rng = draws_global_random(self.modules) or (
+            self.is_last and loss_draws_global_random(self.loss_fn)
+        )
 
     # -- bookkeeping -----------------------------------------------------------------------
     @property
@@ -248,8 +261,9 @@ class Stage:
         loss = self.loss_fn(y, target)
         classified = y.dim() == 2 and target.dim() == 1 and not target.is_floating_point()
         # the predicted classes, not the logits, are kept: an epoch of logits can be large
-        predicted = y.detach().argmax(dim=1) if classified else None
-        return loss, LossStats(loss.detach(), predicted, target)
+        if not classified:
+            return loss, LossStats(loss.detach(), len(target))
+        return loss, LossStats(loss.detach(), len(target), y.detach(), target)
 
     def _measured_forward(
         self, n: int, x: torch.Tensor, target: torch.Tensor | None

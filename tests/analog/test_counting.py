@@ -212,3 +212,34 @@ def test_a_kernel_that_refuses_a_member_of_its_class_falls_back_to_float32(monke
     a, b = _ternary(512, 1001, 256, seed=11)  # odd k: the probe (k = 1024) met the rule
     assert counting.kernel_for(a, b) == "picky"
     assert torch.equal(counting.count_products(a, b), a.float() @ b.float())
+
+
+@pytest.mark.parametrize("name", HERE)
+def test_kernels_work_in_bounded_blocks_exactly(name, monkeypatch):
+    monkeypatch.setattr(counting, "_BLOCK_K", 96)  # blocks of the inner dimension
+    monkeypatch.setattr(counting, "_PARTIALS", 40 * 24)  # a few slices per batched product
+    a, b = _ternary(40, 3001, 24, seed=12)
+    got = next(c for c in counting.CANDIDATES if c.name == name).run(a, b)
+    assert torch.equal(got.to(torch.int64), a.to(torch.int64) @ b.to(torch.int64))
+
+
+def test_the_probe_is_capped_and_a_failed_probe_settles_on_float32(monkeypatch):
+    sizes = []
+
+    def failing(m, k, n, device):
+        sizes.append((m, k, n))
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(counting, "_measure", failing)
+    a, b = _ternary(2000, 20000, 3, seed=13)
+    assert counting.kernel_for(a, b) == "float32"
+    assert sizes == [(counting._PROBE_MN, counting._PROBE_K, 4)]
+    assert counting.chosen() == {"cpu 2048x32768x4": "float32"}
+    assert torch.equal(counting.count_products(a, b), a.float() @ b.float())
+
+
+def test_a_forced_kernel_this_torch_lacks_falls_back_to_float32(monkeypatch):
+    monkeypatch.delattr(torch, "_int_mm", raising=False)
+    monkeypatch.setenv(counting.ENV, "int8")
+    a, b = _ternary(64, 256, 32, seed=14)
+    assert torch.equal(counting.count_products(a, b), a.float() @ b.float())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -57,4 +59,24 @@ def test_without_the_private_engine_the_public_path_runs(monkeypatch):
     monkeypatch.setattr(backprop, "_engine", None)
     w = torch.ones(3, requires_grad=True)
     run_backward((w * 2).sum(), None)
+    assert torch.equal(w.grad, torch.full((3,), 2.0))
+
+
+class Tagged(torch.Tensor):
+    """A tensor subclass: its ``__torch_function__`` sees every call made through torch."""
+
+    calls: ClassVar[list[str]] = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.calls.append(getattr(func, "__name__", str(func)))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_tensor_subclasses_take_the_public_path():
+    Tagged.calls.clear()
+    w = torch.ones(3, requires_grad=True)
+    out = (w * 2).as_subclass(Tagged).sum()
+    run_backward(out, None)
+    assert "backward" in Tagged.calls  # Tensor.backward ran, through the subclass
     assert torch.equal(w.grad, torch.full((3,), 2.0))

@@ -62,3 +62,33 @@ def test_a_stage_without_randomness_leaves_the_global_state_alone():
     before = torch.get_rng_state()
     stage.forward(0, torch.ones(2, 4))
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_hook_is_user_code_that_may_draw():
+    net = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+    assert not draws_global_random(net)
+    handle = net[0].register_forward_hook(lambda m, i, o: o + torch.randn_like(o))
+    assert draws_global_random(net)
+    handle.remove()
+    handle = nn.modules.module.register_module_forward_pre_hook(lambda m, i: None)
+    try:
+        assert draws_global_random(net)  # a global hook runs inside every module
+    finally:
+        handle.remove()
+    assert not draws_global_random(net)
+
+
+def test_a_stage_sees_hooks_registered_before_an_epoch():
+    fc = nn.Linear(4, 4)
+    stage = Stage(0, 2, [("fc", fc)], lr=0.1, seed=3)
+    assert not stage._swaps_rng
+    fc.register_forward_hook(lambda m, i, o: o + torch.randn_like(o))
+    stage.recheck_randomness()  # what the worker does at every epoch's start
+    assert stage._swaps_rng
+
+    def output(global_seed: int) -> torch.Tensor:
+        torch.manual_seed(global_seed)  # the caller's state, which must not matter
+        probe = Stage(0, 2, [("fc", fc)], lr=0.1, seed=3)
+        return probe.forward(0, torch.ones(2, 4))[0]
+
+    assert torch.equal(output(1), output(2))  # the hook's noise comes from the stage's state

@@ -374,9 +374,9 @@ def test_loss_statistics_are_summarised_per_microbatch():
     targets = [torch.tensor([0, 1, 2, 0]), torch.tensor([2, 2, 1, 0])]
     odd = (torch.randn(3, 3, generator=g), torch.tensor([1, 0, 2]))  # a shorter micro-batch
     stats = [
-        LossStats(torch.tensor(0.5), logits[0].argmax(1), targets[0]),
-        LossStats(torch.tensor(0.25), None, torch.randn(4, 2)),  # regression: no accuracy
-        LossStats(torch.tensor(1.5), logits[1].argmax(1), targets[1]),
+        LossStats(torch.tensor(0.5), 4, logits[0], targets[0]),
+        LossStats(torch.tensor(0.25), 4),  # regression: no accuracy
+        LossStats(torch.tensor(1.5), 4, logits[1], targets[1]),
     ]
     out = summarize(stats)
     assert [o["loss"] for o in out] == [0.5, 0.25, 1.5]
@@ -384,8 +384,62 @@ def test_loss_statistics_are_summarised_per_microbatch():
     want = [float((lg.argmax(1) == t).sum()) for lg, t in zip(logits, targets, strict=True)]
     assert [out[0]["correct"], out[2]["correct"]] == want
     assert "correct" not in out[1]
-    shorter = LossStats(torch.tensor(2.0), odd[0].argmax(1), odd[1])
+    shorter = LossStats(torch.tensor(2.0), 3, odd[0], odd[1])
     mixed = summarize([*stats, shorter])  # shapes differ: compared one by one
     assert mixed[:3] == out
     assert mixed[3]["correct"] == float((odd[0].argmax(1) == odd[1]).sum())
     assert summarize([]) == []
+
+
+def test_run_local_finishes_interpreters_that_already_ran_part_of_their_lists():
+    model = _model()
+    blocks = [(str(i), m) for i, m in enumerate(model)]
+    stages = [
+        Stage(0, 2, blocks[:2], lr=0.1),
+        Stage(1, 2, blocks[2:], lr=0.1, loss_fn=F.cross_entropy),
+    ]
+    schedule = build_schedule("sync-1f1b", 2, 2, 1)
+    x, y = _data(2)
+
+    def feed(key):
+        return (x if key[0] == "input" else y)[key[1] * B : (key[1] + 1) * B]
+
+    transport = LocalTransport()
+    its = [Interpreter(st, schedule.stages[s], transport, feed=feed) for s, st in enumerate(stages)]
+    its[0].step()  # stepped by hand: its message is already in the transport
+    run_local(its)
+    assert all(it.done for it in its)
+
+
+def test_message_keys_follow_the_stage_count_of_the_same_action_list():
+    from aimcpipe.runtime.interpreter import _wiring
+
+    actions = (Action("F", 0, 0), Action("B", 0, 0))
+    alone, _ = _wiring(actions, 1)  # the only stage: it reads the target too
+    first, _ = _wiring(actions, 2)  # the first of two: it receives the gradient
+    assert ("target", 0, -1, 0) in alone[0] and ("target", 0, -1, 0) not in first[0]
+    assert first[1] == (("gradient", 0, 1, 0),)
+
+
+def test_loss_statistics_are_summarised_in_bounded_batches(monkeypatch):
+    import aimcpipe.runtime.interpreter as interpreter
+
+    def run(every: int) -> tuple[list[dict[str, float]], int]:
+        monkeypatch.setattr(interpreter, "_SUMMARISE_EVERY", every)
+        blocks = [(str(i), m) for i, m in enumerate(_model())]
+        stage = Stage(0, 1, blocks, lr=0.1, loss_fn=F.cross_entropy)
+        x, y = _data(8)
+
+        def feed(key):
+            return (x if key[0] == "input" else y)[key[1] * B : (key[1] + 1) * B]
+
+        it = Interpreter(
+            stage, build_schedule("wop", 1, 4, 2).stages[0], LocalTransport(), feed=feed
+        )
+        run_local([it])
+        return it.stats, len(it._stats)
+
+    batched, held = run(3)
+    whole, _ = run(1000)
+    assert held < 3 and len(batched) == 8
+    assert batched == whole
