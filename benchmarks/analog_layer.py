@@ -159,21 +159,6 @@ def time_cases(
     }
 
 
-def usable_kernels(size: int, batch: int) -> list[str]:
-    """The count kernels that run on this machine for this layer's products."""
-    a = torch.randint(-1, 2, (size, batch * BL), dtype=torch.int8)
-    b = torch.randint(-1, 2, (batch * BL, size), dtype=torch.int8)
-    want = a.float() @ b.float()
-    names = []
-    for c in counting.CANDIDATES:
-        try:
-            if torch.device("cpu").type in c.devices and torch.equal(c.run(a, b), want):
-                names.append(c.name)
-        except (RuntimeError, TypeError, AttributeError, NotImplementedError):
-            pass
-    return names
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
@@ -190,7 +175,7 @@ def main() -> int:
     pulsed = UpdateConfig(mode="pulsed", desired_bl=BL)
     paper = io_preset("paper")
     cases: dict[str, Step] = {}
-    kernels = [] if args.no_kernels else usable_kernels(size, BATCH)
+    kernels = [] if args.no_kernels else counting.usable("cpu")
     for regime, (x, loss) in losses(size, BATCH).items():
         cases[f"{regime}: digital nn.Linear + SGD"] = digital(size, x, loss)
         cases[f"{regime}: aimcpipe expected (ideal IO)"] = ours(

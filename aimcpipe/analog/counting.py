@@ -54,7 +54,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CANDIDATES", "ENV", "chosen", "count_products", "kernel_for", "reset"]
+__all__ = ["CANDIDATES", "ENV", "chosen", "count_products", "kernel_for", "reset", "usable"]
 
 ENV = "AIMCPIPE_COUNT_KERNEL"
 
@@ -192,6 +192,14 @@ def _exact(candidate: Candidate, a: torch.Tensor, b: torch.Tensor, want: torch.T
         return bool(torch.equal(candidate.run(a, b), want))
     except (RuntimeError, TypeError, AttributeError, NotImplementedError):
         return False
+
+
+def usable(device: torch.device | str = "cpu") -> list[str]:
+    """The candidates that run on ``device`` here and count a small probe exactly."""
+    device = torch.device(device)
+    a, b = _probe_matrices(64, 256, 64, device)
+    want = _float32(a, b)
+    return [c.name for c in CANDIDATES if device.type in c.devices and _exact(c, a, b, want)]
 
 
 def _measure(m: int, k: int, n: int, device: torch.device) -> str:

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from aimcpipe.errors import ScheduleError, StageFailure
+from aimcpipe.runtime.memo import ByIdentity
 from aimcpipe.runtime.transport import DRIVER, Key, Transport
 from aimcpipe.scheduler import BACKWARD, FORWARD, Action, received_message, sent_message
 from aimcpipe.stages.stage import LossStats, Stage, summarize
@@ -62,24 +63,21 @@ def _sends(action: Action, num_stages: int) -> Key | None:
 
 
 _Wiring = tuple[tuple[tuple[Key, ...], ...], tuple[Key | None, ...]]
-_wired: dict[tuple[int, int], tuple[tuple[Action, ...], _Wiring]] = {}
+_wired: ByIdentity[_Wiring] = ByIdentity(64)
+_interleavings: ByIdentity[list[int]] = ByIdentity(16)
 
 
 def _wiring(actions: tuple[Action, ...], num_stages: int) -> _Wiring:
     """Per action, the keys it receives and the key it sends. Epochs of the same shape share
     one (cached) schedule, so this is derived once per action list, not once per epoch."""
-    key = (id(actions), num_stages)
-    hit = _wired.get(key)
-    if hit is not None and hit[0] is actions:
-        return hit[1]
-    wiring = (
-        tuple(_needs(a, num_stages) for a in actions),
-        tuple(_sends(a, num_stages) for a in actions),
+    return _wired.get(
+        (actions,),
+        num_stages,
+        lambda: (
+            tuple(_needs(a, num_stages) for a in actions),
+            tuple(_sends(a, num_stages) for a in actions),
+        ),
     )
-    if len(_wired) >= 64:
-        _wired.clear()
-    _wired[key] = (actions, wiring)  # holding the tuple keeps its id from reuse
-    return wiring
 
 
 class Interpreter:
@@ -249,9 +247,6 @@ def _sweeps(interpreters: Sequence[Interpreter]) -> list[int]:
         order.reverse()
 
 
-_interleavings: dict[tuple[int, ...], tuple[tuple[tuple[Action, ...], ...], list[int]]] = {}
-
-
 def run_local(
     interpreters: Sequence[Interpreter], on_action: Callable[[Action], None] | None = None
 ) -> None:
@@ -263,14 +258,8 @@ def run_local(
     if any(it.feed is None or it.position for it in interpreters):
         _run_live(interpreters, on_action)
         return
-    key = tuple(id(it.actions) for it in interpreters)
-    hit = _interleavings.get(key)
     lists = tuple(it.actions for it in interpreters)
-    if hit is None or any(a is not b for a, b in zip(hit[0], lists, strict=True)):
-        if len(_interleavings) >= 16:
-            _interleavings.clear()
-        hit = _interleavings[key] = (lists, _sweeps(interpreters))
-    for i in hit[1]:
+    for i in _interleavings.get(lists, None, lambda: _sweeps(interpreters)):
         action = interpreters[i].step()
         if on_action is not None:
             on_action(action)

@@ -47,6 +47,7 @@ from aimcpipe.runtime.datasets import Dataset, epoch_order
 from aimcpipe.runtime.interpreter import ActionRecord
 from aimcpipe.runtime.losses import LOSSES, check_loss, resolve_loss
 from aimcpipe.runtime.lr import LRSchedule
+from aimcpipe.runtime.memo import ByIdentity
 from aimcpipe.runtime.metrics import EpochResult, RunMetrics
 from aimcpipe.runtime.options import BACKENDS, DeviceTime, RayOptions, RuntimeOptions
 from aimcpipe.runtime.plan import (
@@ -59,7 +60,6 @@ from aimcpipe.runtime.plan import (
 )
 from aimcpipe.scheduler import (
     POLICIES,
-    Action,
     CostModel,
     Schedule,
     SimResult,
@@ -215,7 +215,7 @@ class Pipeline:
             cycle_s=cycle_s,
         )
         self._trace: list[list[ActionRecord]] | None = None  # this session's first epoch
-        self._simulated: dict[tuple[int, CostModel], tuple[Schedule, SimResult]] = {}
+        self._simulated: ByIdentity[SimResult] = ByIdentity(8)  # per schedule and costs
         self._trace_epoch = 0
         self._trace_clocks: dict[str, Any] | None = None
 
@@ -410,7 +410,8 @@ class Pipeline:
         self, plan: EpochPlan, reports: list[StageReport], origin: float, wall: float
     ) -> EpochResult:
         records = [shifted(rep.records, -origin) for rep in reports]
-        sim = self._predicted(plan.schedule(), [[r.action for r in stage] for stage in records])
+        schedule = plan.schedule()  # interpreters run their lists in order: this is what ran
+        sim = self._simulated.get((schedule,), self.costs, lambda: simulate(schedule, self.costs))
         if self._trace is None:
             self._trace = records
             self._trace_epoch = plan.epoch
@@ -427,26 +428,6 @@ class Pipeline:
             overruns=[rep.overruns for rep in reports],
             cycle_s=plan.cycle_s,
         )
-
-    def _predicted(self, planned: Schedule, executed: list[list[Action]]) -> SimResult:
-        """The simulator's account of the actions executed. Interpreters run their lists in
-        order, so this is the planned schedule's, simulated once per schedule and costs."""
-        if any(
-            tuple(done) != acts for done, acts in zip(executed, planned.stages, strict=True)
-        ):  # never expected; simulate what really ran
-            ran = Schedule(
-                self.policy,
-                executed,
-                self.microbatches,
-                planned.minibatches,
-                weight_stashing=self.weight_stashing,
-            )
-            return simulate(ran, self.costs)
-        key = (id(planned), self.costs)
-        hit = self._simulated.get(key)
-        if hit is None or hit[0] is not planned:
-            hit = self._simulated[key] = (planned, simulate(planned, self.costs))
-        return hit[1]
 
     def evaluate(self, data: Dataset, stream: int | None = None) -> dict[str, float]:
         """Mean loss (and accuracy for classification) of the current model on ``data``.

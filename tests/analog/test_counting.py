@@ -243,3 +243,9 @@ def test_a_forced_kernel_this_torch_lacks_falls_back_to_float32(monkeypatch):
     monkeypatch.setenv(counting.ENV, "int8")
     a, b = _ternary(64, 256, 32, seed=14)
     assert torch.equal(counting.count_products(a, b), a.float() @ b.float())
+
+
+def test_usable_lists_the_exact_kernels_that_run_here():
+    names = counting.usable("cpu")
+    assert names[0] == "float32"
+    assert set(names) <= set(HERE)  # what runs here, minus any that miscounts
