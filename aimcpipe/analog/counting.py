@@ -52,9 +52,20 @@ from dataclasses import dataclass
 
 import torch
 
+from aimcpipe.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
-__all__ = ["CANDIDATES", "ENV", "chosen", "count_products", "kernel_for", "reset", "usable"]
+__all__ = [
+    "CANDIDATES",
+    "ENV",
+    "chosen",
+    "count_products",
+    "forced",
+    "kernel_for",
+    "reset",
+    "usable",
+]
 
 ENV = "AIMCPIPE_COUNT_KERNEL"
 
@@ -232,14 +243,22 @@ def _measure(m: int, k: int, n: int, device: torch.device) -> str:
     return best
 
 
+def forced() -> str:
+    """The kernel named by ``AIMCPIPE_COUNT_KERNEL`` (``auto`` if unset); raises
+    :class:`ConfigError` naming the variable and the allowed values for anything else (the
+    CLI checks it before any work starts)."""
+    name = os.environ.get(ENV, "auto").strip() or "auto"
+    if name != "auto" and name not in _BY_NAME:
+        allowed = ", ".join(["auto", *_BY_NAME])
+        raise ConfigError(f"{ENV}={name!r} is not a count kernel; allowed: {allowed}")
+    return name
+
+
 def kernel_for(a: torch.Tensor, b: torch.Tensor) -> str:
     """The name of the kernel that counts ``a @ b`` (measured on first use of its class)."""
-    forced = os.environ.get(ENV, "auto").strip() or "auto"
-    if forced != "auto":
-        if forced not in _BY_NAME:
-            allowed = ", ".join(["auto", *_BY_NAME])
-            raise ValueError(f"{ENV}={forced!r} is not a count kernel; allowed: {allowed}")
-        return forced
+    name = forced()
+    if name != "auto":
+        return name
     key = _shape_class(a, b)
     if key[2] * key[3] * key[4] <= _SMALL:
         return "float32"

@@ -88,6 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        from aimcpipe.analog.counting import forced
+
+        forced()  # a bad AIMCPIPE_COUNT_KERNEL fails here, not at the first pulsed update
         return int(args._run(args) or 0)
     except AimcpipeError as exc:
         print(f"aimcpipe {args.command}: error: {exc}", file=sys.stderr)

@@ -25,3 +25,13 @@ def test_unknown_command_and_flag_exit_2(capsys):
     )
     assert proc.returncode == 2
     assert "unrecognized arguments: --bogus" in proc.stderr
+
+
+def test_a_bad_count_kernel_variable_fails_before_any_work(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("AIMCPIPE_COUNT_KERNEL", "popcount")
+    out = tmp_path / "run"
+    assert main(["simulate", "--stages", "2", "--microbatches", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("aimcpipe simulate: error: AIMCPIPE_COUNT_KERNEL='popcount'")
+    assert "allowed: auto, float32" in err and len(err.splitlines()) == 1
+    assert not out.exists()
