@@ -197,6 +197,7 @@ def plan(config: str | Path | dict[str, Any] | None, overrides: Sequence[str] = 
             f"{k} mini-batches of {pipe.microbatches}×{pipe.microbatch_size} = {per} per epoch "
             f"({len(train_data) - k * per} dropped), {cfg.epochs} epochs",
             pipe.partition.describe(),
+            _describe_costs(pipe),
             f"policy {pipe.policy}: {schedule.num_actions} actions per epoch, "
             f"{sim.makespan:g} cycles per epoch ({sim.makespan * cfg.epochs:g} in all), "
             f"utilization per stage {util}",
@@ -204,6 +205,22 @@ def plan(config: str | Path | dict[str, Any] | None, overrides: Sequence[str] = 
             "micro-batches per stage",
         ]
     )
+
+
+def _describe_costs(pipe: Pipeline) -> str:
+    """``cost per stage (cycles per micro-batch): F 2, 2  B 2, 2  U 2, 2 (1/1/1 per layer)``."""
+    spec = pipe.cost_spec
+    per_stage = pipe.costs.per_stage(pipe.num_stages)
+    parts = "  ".join(
+        f"{k} {', '.join(f'{c:g}' for c in v)}" for k, v in zip("FBU", per_stage, strict=True)
+    )
+    how = (
+        f" ({spec.forward:g}/{spec.backward:g}/{spec.update:g} per layer)"
+        if spec.per == "layer"
+        else " (per stage)"
+    )
+    latency = f", latency {pipe.costs.latency:g} per message" if pipe.costs.latency else ""
+    return f"cost per stage (cycles per micro-batch): {parts}{how}{latency}"
 
 
 def train(

@@ -117,16 +117,23 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class CostConfig:
-    """Cycles per action for the cost model (docs/design.md §4); default AIMC F=B=U=1."""
+    """Cycles per action for the cost model (docs/design.md §4); default AIMC F = B = U = 1
+    per layer: a stage is charged for the Linear/Conv2d layers it holds (``per: layer``).
+    ``per: stage`` charges every stage alike, or by per-stage lists (``forward: [2, 1]``)."""
 
-    forward: int | float = 1
-    backward: int | float = 1
-    update: int | float = 1
+    forward: int | float | list[int | float] = 1
+    backward: int | float | list[int | float] = 1
+    update: int | float | list[int | float] = 1
     latency: int | float = 0
+    per: Literal["layer", "stage"] = "layer"
 
     def model(self) -> CostModel:
         return CostModel(
-            forward=self.forward, backward=self.backward, update=self.update, latency=self.latency
+            forward=self.forward,  # type: ignore[arg-type]
+            backward=self.backward,  # type: ignore[arg-type]
+            update=self.update,  # type: ignore[arg-type]
+            latency=self.latency,
+            per=self.per,
         )
 
     def __post_init__(self) -> None:

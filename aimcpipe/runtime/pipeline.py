@@ -98,6 +98,9 @@ class Pipeline:
     ``"ray"`` (one actor per stage), or a started :class:`Backend` to reuse (then it is not
     closed here). ``runtime``: threads per stage, timeouts, devices. ``cycle_s``: emulated
     device time per cost-model cycle. ``ray``: the Ray cluster and resources per actor.
+    ``costs``: cycles per action; by default ``CostModel(per="layer")``, F = B = U = 1 per
+    layer, so a stage is charged for the layers it holds (``self.costs`` is the per-stage
+    result for this partition).
     Close the pipeline (or use it as a context manager) to stop its stage processes.
     """
 
@@ -187,7 +190,14 @@ class Pipeline:
         self.lr_schedule = lr_schedule or LRSchedule()
         self.weight_stashing = weight_stashing
         self.seed = seed
-        self.costs = costs or CostModel()
+        spec = costs if costs is not None else CostModel(per="layer")
+        _check_type("costs", spec, CostModel, "a CostModel")
+        try:
+            self.costs = spec.for_layers(self.partition.layers or ())
+            self.costs.per_stage(self.num_stages)
+        except ConfigError as exc:
+            raise ConfigError(f"cost.{exc}") from None
+        self.cost_spec = spec  # as given; ``costs`` is what each stage is charged
         self.eval_batch_size = eval_batch_size
         self.out = Path(out) if out is not None else None
         self.checkpoint_every = checkpoint_every

@@ -8,10 +8,21 @@ Costs are in *cycles* of the accelerator clock:
 * ``latency``: cycles a message (activation s -> s+1 after F, gradient s+1 -> s after B)
   spends in flight; it delays the consumer but does not occupy either stage.
 
-Each of F, B, U is a number (all stages alike) or one number per stage, so an unbalanced
-partition can be modelled: the slowest stage then sets the steady-state rate. The default
-AIMC model is F = B = U = 1 per micro-batch, no latency. Values may be floats: the "fixed
-model" mode of arXiv 2410.15155 divides a whole model's costs by S (:meth:`CostModel.split`).
+``per`` says what F, B and U are counted for:
+
+* ``"stage"``: each is a number (all stages alike) or one number per stage, so an unbalanced
+  partition can be modelled by hand: the slowest stage then sets the steady-state rate;
+* ``"layer"``: each is a number *per layer* (Linear / Conv2d, analog or digital). An analog
+  layer's MVM takes about one fixed time whatever its size (its tiles work in parallel) and a
+  stage runs its layers one after another, so a stage's action costs the per-layer number times
+  the layers it holds. Cutting a fixed model into more stages then shortens each stage's
+  actions, and an unbalanced partition shows its slowest stage as the bottleneck. A model is
+  needed to count layers: :meth:`CostModel.for_layers` turns it into per-stage numbers (the
+  training pipeline does this for its partition; the simulator alone knows no model).
+
+The default AIMC model is F = B = U = 1 per micro-batch, no latency. Values may be floats: the
+"fixed model" mode of arXiv 2410.15155 divides a whole model's costs by S
+(:meth:`CostModel.split`).
 
 The hardware model turns cycles into nanoseconds and counts energy in **picojoules (pJ)**:
 per micro-batch for F, B and U on one stage, per message, and per idle stage-cycle (static
@@ -28,6 +39,7 @@ from dataclasses import dataclass, fields, replace
 from aimcpipe.errors import ConfigError
 
 __all__ = [
+    "COST_PER",
     "CostModel",
     "HardwareModel",
     "parse_cost_spec",
@@ -36,6 +48,7 @@ __all__ = [
 
 Number = int | float
 PerStage = Number | tuple[Number, ...]
+COST_PER = ("layer", "stage")  # what F, B and U are counted for
 
 
 def _check_number(name: str, value: object, *, positive: bool = False) -> Number:
@@ -57,28 +70,63 @@ def _check_per_stage(name: str, value: object) -> PerStage:
 @dataclass(frozen=True)
 class CostModel:
     """Cycles per action: F and B per micro-batch, U per micro-batch applied, latency per
-    message. F, B, U are a number or a per-stage tuple."""
+    message. With ``per="stage"`` F, B, U are a number or a per-stage tuple; with
+    ``per="layer"`` each is a number per layer, made per-stage by :meth:`for_layers`."""
 
     forward: PerStage = 1
     backward: PerStage = 1
     update: PerStage = 1
     latency: Number = 0
+    per: str = "stage"
 
     def __post_init__(self) -> None:
         for name in ("forward", "backward", "update"):
             object.__setattr__(self, name, _check_per_stage(name, getattr(self, name)))
         _check_number("latency", self.latency)
+        if self.per not in COST_PER:
+            raise ConfigError(f"per: {self.per!r} is not allowed; use one of {', '.join(COST_PER)}")
+        if self.per == "layer" and self.is_per_stage:
+            raise ConfigError(
+                "per: per-stage lists need per: stage (with per: layer a stage's cost is the "
+                "per-layer number times the layers it holds)"
+            )
+
+    def for_layers(self, layers: Sequence[int]) -> CostModel:
+        """Per-stage costs for stages holding ``layers[s]`` layers each (``per="layer"``);
+        a per-stage model is returned unchanged."""
+        if self.per == "stage":
+            return self
+        if not layers or any(
+            isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in layers
+        ):
+            raise ConfigError(f"layers: expected a count >= 0 per stage, got {list(layers)!r}")
+        if not any(layers):
+            raise ConfigError(
+                "per: layer: the model has no Linear or Conv2d layer to count; use per: stage"
+            )
+        return replace(
+            self,
+            forward=tuple(self.forward * n for n in layers),  # type: ignore[operator]
+            backward=tuple(self.backward * n for n in layers),  # type: ignore[operator]
+            update=tuple(self.update * n for n in layers),  # type: ignore[operator]
+            per="stage",
+        )
 
     def per_stage(self, num_stages: int) -> tuple[tuple[Number, ...], ...]:
         """``(F, B, U)``, each a tuple of ``num_stages`` values."""
+        if self.per == "layer":
+            raise ConfigError(
+                "per: layer: a stage's cost depends on the layers it holds; turn the model "
+                "into per-stage costs with CostModel.for_layers(layers per stage)"
+            )
         out = []
         for name in ("forward", "backward", "update"):
             value = getattr(self, name)
             if isinstance(value, tuple):
                 if len(value) != num_stages:
                     raise ConfigError(
-                        f"cost {name} has {len(value)} per-stage values but the schedule "
-                        f"has {num_stages} stages"
+                        f"{name}: {len(value)} per-stage values but the schedule has "
+                        f"{num_stages} stages"
                     )
                 out.append(value)
             else:
@@ -93,8 +141,10 @@ class CostModel:
         """Fixed-model mode: these are the *whole model's* costs; each of ``num_stages``
         equal stages holds 1/S of the layers, so F, B and U per stage are divided by S.
         Latency is per message and is not divided."""
-        if self.is_per_stage:
-            raise ConfigError("fixed-model mode needs whole-model costs, not per-stage lists")
+        if self.is_per_stage or self.per == "layer":
+            raise ConfigError(
+                "fixed-model mode needs whole-model costs, not per-stage lists or per-layer costs"
+            )
         return replace(
             self,
             forward=self.forward / num_stages,

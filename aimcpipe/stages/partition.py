@@ -38,6 +38,7 @@ __all__ = [
     "Partition",
     "Split",
     "balance",
+    "block_layers",
     "block_params",
     "block_tiles",
     "measure_block_times",
@@ -57,7 +58,8 @@ class Partition:
     """Which blocks each pipeline stage holds: stage ``s`` is
     ``block_names[bounds[s]:bounds[s + 1]]``. ``params`` and ``tiles`` are per stage (see
     ``block_params`` / ``block_tiles``); ``times`` is the measured forward+backward seconds per
-    stage when the split was made from timings, else ``None``."""
+    stage when the split was made from timings, else ``None``; ``layers`` counts each stage's
+    Linear/Conv2d layers (``block_layers``; what ``cost.per: layer`` charges for)."""
 
     method: str
     bounds: tuple[int, ...]
@@ -66,6 +68,7 @@ class Partition:
     tiles: tuple[int, ...]
     tile_size: int
     times: tuple[float, ...] | None = None
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         b, n = self.bounds, len(self.block_names)
@@ -75,7 +78,7 @@ class Partition:
                 "blocks) so every stage is a non-empty run of blocks"
             )
         stages = len(b) - 1
-        for key in ("params", "tiles", "times"):
+        for key in ("params", "tiles", "times", "layers"):
             value = getattr(self, key)
             if value is not None and len(value) != stages:
                 raise ConfigError(
@@ -100,6 +103,8 @@ class Partition:
     def describe(self) -> str:
         """An aligned table, one row per stage."""
         header = ["stage", "blocks", "#blocks", "params", "tiles"]
+        if self.layers is not None:
+            header.append("layers")
         if self.times is not None:
             header.append("time ms")
         rows = []
@@ -107,6 +112,8 @@ class Partition:
             names = self.stage_blocks(s)
             span = names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}"
             row = [str(s), span, str(len(names)), f"{self.params[s]:,}", str(self.tiles[s])]
+            if self.layers is not None:
+                row.append(str(self.layers[s]))
             if self.times is not None:
                 row.append(f"{self.times[s] * 1e3:.3f}")
             rows.append(row)
@@ -139,6 +146,7 @@ class Partition:
     def from_dict(cls, data: dict[str, Any]) -> Partition:
         """Inverse of ``to_dict`` (derived keys are ignored)."""
         times = data.get("times")
+        layers = data.get("layers")
         return cls(
             method=str(data["method"]),
             bounds=tuple(int(x) for x in data["bounds"]),
@@ -147,6 +155,7 @@ class Partition:
             tiles=tuple(int(x) for x in data["tiles"]),
             tile_size=int(data["tile_size"]),
             times=None if times is None else tuple(float(x) for x in times),
+            layers=None if layers is None else tuple(int(x) for x in layers),
         )
 
 
@@ -172,6 +181,13 @@ def block_params(module: nn.Module) -> int:
         if isinstance(layer, AnalogLayer):
             total += layer.analog.out_features * layer.analog.in_features
     return total
+
+
+def block_layers(module: nn.Module) -> int:
+    """Matrix layers of ``module``: its analog layers and plain ``nn.Linear``/``nn.Conv2d``
+    (counted alike, so stages can be planned before conversion). Each takes one MVM per
+    micro-batch in F and B and one outer-product update per micro-batch in U."""
+    return sum(isinstance(m, AnalogLayer | nn.Linear | nn.Conv2d) for m in module.modules())
 
 
 def _grid(rows: int, cols: int, tile_size: int) -> int:
@@ -567,6 +583,7 @@ def partition(
         bounds.append(bounds[-1] + int(c))
     per_block_params = [block_params(m) for _, m in named]
     per_block_tiles = [block_tiles(m, size) for _, m in named]
+    per_block_layers = [block_layers(m) for _, m in named]
     spans = list(pairwise(bounds))
     return Partition(
         method=label,
@@ -578,4 +595,5 @@ def partition(
         times=None
         if block_times is None
         else tuple(float(sum(block_times[a:b])) for a, b in spans),
+        layers=tuple(sum(per_block_layers[a:b]) for a, b in spans),
     )

@@ -197,7 +197,7 @@ BAD = [
     (["--stages", "2", "--microbatches", "2", "--latency", "-1"], "--latency: -1 is not allowed"),
     (
         ["--stages", "2,4", "--microbatches", "2", "--cost", "F=1:2"],
-        "--cost: cost forward has 2 per-stage values but the schedule has 4 stages",
+        "--cost: forward: 2 per-stage values but the schedule has 4 stages",
     ),
     (["--stages", "2", "--microbatches", "2", "--minibatches", "x"], "--minibatches: 'x'"),
     (["--stages", "2", "--microbatches", "2", "--cycle-ns", "0"], "--cycle-ns: 0 is not allowed"),

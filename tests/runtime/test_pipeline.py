@@ -183,6 +183,35 @@ def test_a_model_with_a_blocks_list_trains(digits):
     assert set(pipe.state_dict()) == set(pipe.model.state_dict())
 
 
+def test_default_costs_charge_each_stage_for_its_layers(digits):
+    """F = B = U = 1 per layer: cutting the 4-layer model into more stages shortens each
+    stage's actions; an unbalanced split makes its heavy stage the bottleneck; the run's
+    cycles are the simulator's for those per-stage costs."""
+    train, _ = digits
+    train = _small(train, 64)
+
+    def costs(**kwargs):
+        pipe = Pipeline(_analog_fcn(), microbatches=2, microbatch_size=8, progress=False, **kwargs)
+        return pipe, pipe.costs.per_stage(pipe.num_stages)
+
+    assert costs(stages=1)[1] == ((4,), (4,), (4,))
+    assert costs(stages=2)[1] == ((2, 2), (2, 2), (2, 2))
+    assert costs(stages=4)[1] == ((1,) * 4,) * 3
+    pipe, per_stage = costs(stages=2, partition=[3, 1])
+    assert per_stage == ((3, 1), (3, 1), (3, 1))
+    assert costs(stages=2, costs=CostModel())[1] == ((1, 1), (1, 1), (1, 1))  # per stage
+    metrics = pipe.fit(train, epochs=1).to_dict()
+    sim = simulate(
+        build_schedule("sync-1f1b", 2, 2, 4),
+        CostModel(forward=(3, 1), backward=(3, 1), update=(3, 1)),
+    )
+    balanced = simulate(build_schedule("sync-1f1b", 2, 2, 4), CostModel(2, 2, 2))
+    assert metrics["cycles"]["makespan"] > balanced.makespan  # the 3-layer stage sets the pace
+    assert metrics["cycles"]["busy"] == list(sim.busy)
+    assert metrics["cycles"]["makespan"] == sim.makespan
+    assert metrics["cycles"]["utilization"][0] > metrics["cycles"]["utilization"][1]
+
+
 def test_too_little_data_is_a_config_error(digits):
     train, _ = digits
     pipe = Pipeline(_analog_fcn(), stages=2, microbatches=8, microbatch_size=16, progress=False)
@@ -200,6 +229,8 @@ def test_too_little_data_is_a_config_error(digits):
         ({"stages": 5}, "5 stages"),
         ({"stages": 2, "partition": [3, 2]}, "partition"),
         ({"loss": "hinge"}, "loss"),
+        ({"costs": "F=1"}, "costs: must be a CostModel"),
+        ({"stages": 2, "costs": CostModel(forward=(1, 2, 3))}, "cost.forward: 3 per-stage"),
     ],
 )
 def test_bad_settings_are_one_line_config_errors(kwargs, match):

@@ -50,6 +50,32 @@ def test_fixed_model_split_divides_compute_not_latency() -> None:
         CostModel(forward=(1, 2)).split(2)
 
 
+def test_per_layer_costs_scale_with_the_layers_of_each_stage() -> None:
+    spec = CostModel(forward=1, backward=2, update=0.5, latency=3, per="layer")
+    c = spec.for_layers([3, 1, 0])
+    assert c.per == "stage"
+    assert c.per_stage(3) == ((3, 1, 0), (6, 2, 0), (1.5, 0.5, 0.0))
+    assert c.latency == 3  # per message, not per layer
+    assert CostModel(forward=2).for_layers([5, 5]) == CostModel(forward=2)  # per stage: as is
+
+
+@pytest.mark.parametrize(
+    ("make", "fragment"),
+    [
+        (lambda: CostModel(per="block"), "per: 'block' is not allowed; use one of layer, stage"),
+        (lambda: CostModel(forward=(1, 2), per="layer"), "per-stage lists need per: stage"),
+        (lambda: CostModel(per="layer").per_stage(2), "for_layers"),
+        (lambda: CostModel(per="layer").for_layers([0, 0]), "no Linear or Conv2d layer"),
+        (lambda: CostModel(per="layer").for_layers([1, -1]), "a count >= 0 per stage"),
+        (lambda: CostModel(per="layer").split(2), "whole-model"),
+    ],
+)
+def test_per_layer_misuse_is_refused(make, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        make()
+    assert fragment in str(info.value)
+
+
 def test_hardware_model() -> None:
     hw = parse_energy_spec("F=10,B=20,U=5,M=1,idle=0.5", cycle_ns=2.0)
     assert hw == HardwareModel(2.0, 10.0, 20.0, 5.0, 1.0, 0.5)

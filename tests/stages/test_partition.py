@@ -14,7 +14,7 @@ from torch import nn
 from aimcpipe.analog import AnalogConfig, analog_layers, convert
 from aimcpipe.errors import ConfigError
 from aimcpipe.stages import PARTITIONERS, Partition, partition, register_partitioner
-from aimcpipe.stages.partition import balance, block_params, block_tiles
+from aimcpipe.stages.partition import balance, block_layers, block_params, block_tiles
 
 # the package exports the function `partition`, which hides the module of the same name
 partition_module = importlib.import_module("aimcpipe.stages.partition")
@@ -361,7 +361,7 @@ def test_describe_has_a_row_per_stage_with_its_block_range():
     result = partition(named_model("stem", "l1", "l2", "l3", "head"), 3)
     lines = result.describe().splitlines()
     assert "3 stages" in lines[0]
-    assert lines[1].split() == ["stage", "blocks", "#blocks", "params", "tiles"]
+    assert lines[1].split() == ["stage", "blocks", "#blocks", "params", "tiles", "layers"]
     rows = [line.split() for line in lines[2:]]
     assert [row[:3] for row in rows] == [
         ["0", "stem..l1", "2"],
@@ -369,6 +369,20 @@ def test_describe_has_a_row_per_stage_with_its_block_range():
         ["2", "head", "1"],
     ]
     assert len({len(line) for line in lines[1:]}) == 1  # right-aligned last column
+    assert [row[-1] for row in rows] == [str(n) for n in result.layers]
+
+
+def test_layers_count_linear_and_conv_layers_analog_or_not():
+    model = nn.Sequential(
+        nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 3)),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+        nn.Linear(4, 2),
+    )
+    assert [block_layers(m) for m in model] == [2, 0, 1, 1]
+    assert partition(model, 2).layers == (2, 2)
+    analog = convert(copy.deepcopy(model), AnalogConfig())
+    assert [block_layers(m) for m in analog] == [2, 0, 1, 1]
 
 
 def test_to_dict_round_trips_through_json():
