@@ -39,6 +39,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "aimcpipe.launch.simulate_cmd",
         "simulate pipeline schedules with the cycle cost model (speedup, utilization)",
     ),
+    "speedup": (
+        "aimcpipe.launch.speedup_cmd",
+        "train at several stage counts and policies: measured vs predicted speedup",
+    ),
 }
 
 

@@ -26,7 +26,7 @@ OUTPUT_FILES = frozenset(
         "metrics.json", "results.json", "config.yaml", "checkpoint.pt", "history.jsonl",
         "partition.json", "trace.json", "model.pt", "curves.json", "curves.png",
         "timeline.txt", "speedup.png", "lsq_tau.png", "lsq_lr.png", "lsq_summary.png",
-        "schedules",
+        "schedules", "sweep.json", "speedup.json", "utilization.png", "accuracy.png", "runs",
     }
 )  # fmt: skip
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from aimcpipe.errors import ConfigError
+from aimcpipe.launch.flags import int_flag, number, policy_list, stage_list
 from aimcpipe.launch.outdir import check_out_dir, staged_dir
 from aimcpipe.scheduler import POLICIES, HardwareModel, SimResult, simulate, sweep
 from aimcpipe.scheduler.costs import parse_cost_spec, parse_energy_spec
@@ -98,83 +99,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out DIR")
 
 
-def _int(flag: str, text: str | None, minimum: int, default: int | None = None) -> int:
-    if text is None:
-        if default is None:
-            raise ConfigError(f"{flag} is required (an integer >= {minimum})")
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        raise ConfigError(
-            f"{flag}: {text!r} is not an integer (use an integer >= {minimum})"
-        ) from None
-    if value < minimum:
-        raise ConfigError(f"{flag}: {value} is not allowed; use an integer >= {minimum}")
-    return value
-
-
-def _number(flag: str, text: str, *, positive: bool = False) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(f"{flag}: {text!r} is not a number") from None
-    if not value == value or value in (float("inf"), float("-inf")):  # NaN / inf
-        raise ConfigError(f"{flag}: {text!r} is not a finite number")
-    if value < 0 or (positive and value == 0):
-        raise ConfigError(
-            f"{flag}: {text} is not allowed; use a number {'>' if positive else '>='} 0"
-        )
-    return int(value) if value.is_integer() else value
-
-
-def _stage_list(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    out: list[int] = []
-    for item in text.split(","):
-        try:
-            value = int(item)
-        except ValueError:
-            value = 0
-        if value < 1:
-            raise ConfigError(
-                f"--stages: {item.strip()!r} is not allowed; use positive integers, e.g. 1,2,4,8"
-            )
-        if value not in out:
-            out.append(value)
-    return out
-
-
-def _policy_list(text: str | None) -> list[str] | None:
-    if text is None:
-        return None
-    out = []
-    for item in text.split(","):
-        name = item.strip()
-        if name not in POLICIES:
-            raise ConfigError(
-                f"--policies: unknown policy {name!r}; allowed: {', '.join(POLICIES)}"
-            )
-        if name not in out:
-            out.append(name)
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
     # ---- check every flag before simulating or writing anything
-    stages = _stage_list(args.stages)
-    policies = _policy_list(args.policies)
-    latency = _number("--latency", args.latency)
+    stages = stage_list(args.stages)
+    policies = policy_list(args.policies)
+    latency = number("--latency", args.latency)
     costs = parse_cost_spec(args.cost, latency=latency)
     hardware: HardwareModel | None = None
     if args.cycle_ns is not None or args.energy is not None:
-        cycle_ns = _number("--cycle-ns", args.cycle_ns, positive=True) if args.cycle_ns else 1.0
+        cycle_ns = number("--cycle-ns", args.cycle_ns, positive=True) if args.cycle_ns else 1.0
         hardware = parse_energy_spec(args.energy or "", cycle_ns=cycle_ns)
-    width = _int("--timeline-width", args.timeline_width, 40)
+    width = int_flag("--timeline-width", args.timeline_width, 40)
     if args.timeline and args.json:
         raise ConfigError("--timeline prints text and cannot be combined with --json")
-    drain_every = None if args.drain_every is None else _int("--drain-every", args.drain_every, 1)
+    drain_every = (
+        None if args.drain_every is None else int_flag("--drain-every", args.drain_every, 1)
+    )
     out_dir = check_out_dir(args.out, force=args.force)
     async_opts: dict[str, Any] = {}
     if args.weight_stashing:
@@ -191,8 +131,8 @@ def run(args: argparse.Namespace) -> int:
         if stages is not None and stages != [num]:
             raise ConfigError(f"--stages: the schedule file has {num} stages, not {args.stages}")
         stages = [num]
-        bm = _int("--microbatches", args.microbatches, 1, custom.microbatches_per_minibatch)
-        k = _int("--minibatches", args.minibatches, 1, custom.minibatches)
+        bm = int_flag("--microbatches", args.microbatches, 1, custom.microbatches_per_minibatch)
+        k = int_flag("--minibatches", args.minibatches, 1, custom.minibatches)
         if bm * k != custom.num_microbatches:
             raise ConfigError(
                 f"--microbatches/--minibatches: {bm} x {k} does not match the "
@@ -211,8 +151,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         if stages is None:
             raise ConfigError("--stages is required (e.g. --stages 1,2,4,8) unless --schedule")
-        bm = _int("--microbatches", args.microbatches, 1)
-        k = _int("--minibatches", args.minibatches, 1, 1)
+        bm = int_flag("--microbatches", args.microbatches, 1)
+        k = int_flag("--minibatches", args.minibatches, 1, 1)
         policies = policies if policies is not None else DEFAULT_POLICIES.split(",")
     for num in stages:
         if costs.is_per_stage:

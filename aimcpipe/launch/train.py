@@ -30,6 +30,7 @@ from aimcpipe.launch.train_config import (
     load_config,
     parse_overrides,
 )
+from aimcpipe.runtime.backends import Backend
 from aimcpipe.runtime.backends.torch_dist import World
 from aimcpipe.runtime.checkpoint import CHECKPOINT_NAME
 from aimcpipe.runtime.datasets import Dataset, load_dataset
@@ -39,7 +40,7 @@ from aimcpipe.scheduler import simulate
 from aimcpipe.seeding import derive_seed
 from aimcpipe.stages.zoo import build_model
 
-__all__ = ["build_job", "plan", "resolve_config", "train"]
+__all__ = ["build_job", "load_data", "plan", "resolve_config", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -96,20 +97,13 @@ def build_job(
     out: Path | None = None,
     progress: bool = True,
     model: nn.Module | None = None,
+    data: tuple[Dataset, Dataset] | None = None,
+    backend: Backend | None = None,
 ) -> tuple[Pipeline, Dataset, Dataset]:
-    """Data, model (converted to analog if configured) and pipeline for ``cfg``."""
-    d = cfg.data
-    try:
-        train_data, test_data = load_dataset(
-            d.name,
-            d.root,
-            seed=cfg.seed,
-            limit_train=d.limit_train,
-            limit_test=d.limit_test,
-            **d.options,
-        )
-    except ConfigError as exc:
-        raise ConfigError(_options_key(str(exc))) from None
+    """Data, model (converted to analog if configured) and pipeline for ``cfg``. ``data``:
+    the datasets ``cfg.data`` names, when already loaded; ``backend``: a started backend to
+    run the stages on instead of a new one of ``cfg.pipeline.backend``."""
+    train_data, test_data = data if data is not None else load_data(cfg)
     if model is None:
         model = build_model(cfg.model.target, cfg.model.kwargs, seed=cfg.seed)
     analog = cfg.analog_config()
@@ -131,13 +125,29 @@ def build_job(
         raise ConfigError("model.analog_exclude: only meaningful with an analog section")
     p = cfg.pipeline
     example = train_data.x[: p.microbatch_size] if p.partition == "time" else None
-    pipe = _pipeline(cfg, model, example, out=out, progress=progress)
+    pipe = _pipeline(cfg, model, example, out=out, progress=progress, backend=backend)
     pipe._minibatches(train_data)  # too little data is a config error, found before any work
     pipe.check_data(train_data)  # so is a model that does not fit the data
     if pipe.partition.method == "time":
         # measured times vary: the run (and its --resume) keeps the split it measured
         pipe.settings["pipeline"]["partition"] = list(pipe.partition.counts())
     return pipe, train_data, test_data
+
+
+def load_data(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
+    """The training and test sets ``cfg.data`` names."""
+    d = cfg.data
+    try:
+        return load_dataset(
+            d.name,
+            d.root,
+            seed=cfg.seed,
+            limit_train=d.limit_train,
+            limit_test=d.limit_test,
+            **d.options,
+        )
+    except ConfigError as exc:
+        raise ConfigError(_options_key(str(exc))) from None
 
 
 def _options_key(msg: str) -> str:
@@ -152,7 +162,13 @@ _DATA_KEYS = {"name", "root", "limit_train", "limit_test"}
 
 
 def _pipeline(
-    cfg: TrainConfig, model: nn.Module, example: Any, *, out: Path | None, progress: bool
+    cfg: TrainConfig,
+    model: nn.Module,
+    example: Any,
+    *,
+    out: Path | None,
+    progress: bool,
+    backend: Backend | None = None,
 ) -> Pipeline:
     p = cfg.pipeline
     return Pipeline(
@@ -173,7 +189,7 @@ def _pipeline(
         out=out,
         checkpoint_every=cfg.checkpoint_every,
         progress=progress,
-        backend=p.backend,
+        backend=backend if backend is not None else p.backend,
         runtime=cfg.runtime,
         cycle_s=cfg.device_time.cycle_s,
         ray=cfg.ray,

@@ -49,6 +49,7 @@ import torch
 import torch.distributed as dist
 
 from aimcpipe.errors import StageFailure
+from aimcpipe.runtime.clock import boot_id
 from aimcpipe.runtime.transport import Key
 
 __all__ = ["Channels", "PeerLost", "PeerTimeout"]
@@ -69,7 +70,8 @@ DTYPES = (
     torch.bool,
 )
 MAX_DIMS = 8
-HEADER = 5 + MAX_DIMS  # kind, micro-batch, dtype, ndim, flags, dims
+HEADER = 6 + MAX_DIMS  # kind, micro-batch, dtype, ndim, flags, due, dims
+DIMS = 6  # where the dims start
 HEADER_BYTES = 8 * HEADER
 NONE, SEPARATE = 1, 2  # flags: no payload; the payload follows as a message of its own
 FIRST_CAPACITY = 64 << 10  # bytes a posted receive takes at first (header + payload)
@@ -92,10 +94,13 @@ class PeerTimeout(StageFailure):
         self.peer = peer
 
 
-def _header(kind: str, n: int, payload: torch.Tensor | None, separate: bool) -> torch.Tensor:
+def _header(
+    kind: str, n: int, payload: torch.Tensor | None, separate: bool, due_ns: int = 0
+) -> torch.Tensor:
     h = torch.zeros(HEADER, dtype=torch.int64)
     h[0] = KINDS.index(kind)
     h[1] = n
+    h[5] = due_ns
     if payload is None:
         h[4] = NONE
         return h
@@ -106,7 +111,7 @@ def _header(kind: str, n: int, payload: torch.Tensor | None, separate: bool) -> 
         raise StageFailure(f"cannot send a tensor of {payload.dim()} dimensions (max {MAX_DIMS})")
     h[2] = DTYPES.index(payload.dtype)
     h[3] = payload.dim()
-    h[5 : 5 + payload.dim()] = torch.tensor(payload.shape, dtype=torch.int64)
+    h[DIMS : DIMS + payload.dim()] = torch.tensor(payload.shape, dtype=torch.int64)
     return h
 
 
@@ -230,7 +235,16 @@ class Channels:
                     self._out[dst] = pair
                 else:
                     self._in[src] = _Inbound(src, pair, first)
-        self._box: dict[Key, Any] = {}
+        # which neighbours read our clock (same machine): messages to them may be sent early
+        # and held there until due (emulated device time)
+        store.set(f"{prefix}/boot/{stage}", boot_id())
+        mine = boot_id()
+        self._same_clock = {
+            peer: bool(mine) and store.get(f"{prefix}/boot/{peer}").decode() == mine
+            for peer in (stage - 1, stage + 1)
+            if 0 <= peer < num_stages
+        }
+        self._box: dict[Key, tuple[Any, float]] = {}
         self._capacity = dict.fromkeys(self._out, first)  # what the receiver has posted
         self._error: BaseException | None = None
         self._lock = threading.Lock()  # guards _error
@@ -276,7 +290,10 @@ class Channels:
                 f"stage {self.stage}: {len(self._box)} message(s) arrived but were never used"
             )
 
-    def send(self, key: Key, payload: Any) -> None:
+    def can_hold(self, dst: int) -> bool:
+        return self._same_clock.get(dst, False) and not self.latency_s
+
+    def send(self, key: Key, payload: Any, due: float | None = None) -> None:
         kind, n, src, dst = key
         self._raise_if_failed()
         if dst not in self._out:
@@ -288,7 +305,9 @@ class Channels:
                 tensor = tensor.cpu()
             tensor = tensor.contiguous()
             self.bytes_sent[src] += tensor.numel() * tensor.element_size()
-        if self.latency_s:
+        if due is not None:
+            self._post(dst, kind, n, tensor, due)
+        elif self.latency_s:
             if dst not in self._delayed:
                 self._delayed[dst] = self._thread(self._send_later, dst, "in flight")
             self._delayed[dst].put((kind, n, tensor, time.monotonic() + self.latency_s))
@@ -309,9 +328,11 @@ class Channels:
                     f"stage {self.stage}: needs {kind} of micro-batch {n} from stage {src}, "
                     "which sends it nothing more in this phase"
                 )
-            got_kind, got_n, payload = self._take(inbound, deadline, (kind, n))
-            self._box[(got_kind, got_n, src, self.stage)] = payload
-        payload = self._box.pop(key)
+            got_kind, got_n, payload, due = self._take(inbound, deadline, (kind, n))
+            self._box[(got_kind, got_n, src, self.stage)] = (payload, due)
+        payload, due = self._box.pop(key)
+        while (left := due - time.perf_counter()) > 0:  # sent early: usable when due
+            time.sleep(left)
         if payload is not None and payload.device != self.device:
             payload = payload.to(self.device)
         return payload
@@ -320,13 +341,16 @@ class Channels:
     def _on_device(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device) if self.backend == "nccl" else t
 
-    def _post(self, dst: int, kind: str, n: int, tensor: torch.Tensor | None) -> None:
+    def _post(
+        self, dst: int, kind: str, n: int, tensor: torch.Tensor | None, due: float = 0.0
+    ) -> None:
         """Post one message: header and payload packed into one transfer when they fit the
-        receive buffer the peer has posted, else the header and then the payload."""
+        receive buffer the peer has posted, else the header and then the payload. ``due``:
+        the ``time.perf_counter`` time before which the receiver must not use it (0: none)."""
         pair = self._out[dst]
         nbytes = 0 if tensor is None else tensor.numel() * tensor.element_size()
         together = HEADER_BYTES + nbytes <= self._capacity[dst]
-        header = _header(kind, n, tensor, separate=not together)
+        header = _header(kind, n, tensor, separate=not together, due_ns=round(due * 1e9))
         if tensor is None:
             parts = [self._on_device(header)]
         elif together:
@@ -372,17 +396,17 @@ class Channels:
 
     def _take(
         self, inbound: _Inbound, deadline: float, wanted: tuple[str, int]
-    ) -> tuple[str, int, Any]:
+    ) -> tuple[str, int, Any, float]:
         """Wait for the next message of ``inbound``'s channel and post the receive of the
-        one after it."""
+        one after it; returns its kind, micro-batch, payload and due time (0: none)."""
         what = f"send its {wanted[0]} of micro-batch {wanted[1]}"
         self._wait(inbound.work, inbound.src, deadline, what)
         buffer = inbound.buffer
         assert buffer is not None
         header = buffer if self.backend == "nccl" else buffer[:HEADER_BYTES].view(torch.int64)
         h = header.tolist()
-        kind, n, flags = KINDS[h[0]], h[1], h[4]
-        shape, dtype = h[5 : 5 + h[3]], DTYPES[h[2]]
+        kind, n, flags, due = KINDS[h[0]], h[1], h[4], h[5] / 1e9
+        shape, dtype = h[DIMS : DIMS + h[3]], DTYPES[h[2]]
         payload = None
         if flags & SEPARATE:
             device = self.device if self.backend == "nccl" else torch.device("cpu")
@@ -403,7 +427,7 @@ class Channels:
         inbound.work = inbound.buffer = None
         if inbound.remaining > 0:
             self._post_receive(inbound)
-        return kind, n, payload
+        return kind, n, payload, due
 
     def _wait(self, work: Any, peer: int, deadline: float, what: str) -> None:
         left = deadline - time.monotonic()

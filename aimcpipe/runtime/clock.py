@@ -12,9 +12,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-__all__ = ["estimate_offset", "same_clock"]
+__all__ = ["boot_id", "estimate_offset", "same_clock"]
+
+
+def boot_id() -> str:
+    """This boot's id: processes that report the same one read the same monotonic clock."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
 
 
 def same_clock(a: dict[str, Any], b: dict[str, Any]) -> bool:

@@ -21,13 +21,13 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from aimcpipe.errors import AimcpipeError
 from aimcpipe.runtime.channels import Channels, PeerLost, PeerTimeout
+from aimcpipe.runtime.clock import boot_id
 from aimcpipe.runtime.faults import Fault
 from aimcpipe.runtime.plan import EpochPlan, EvalPlan, EvalResult, StageReport, StageSpec
 from aimcpipe.runtime.rendezvous import Store
@@ -52,19 +52,12 @@ COMMANDS = (
 )
 
 
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
 def process_info(local_rank: int = 0, local_world_size: int = 1) -> dict[str, Any]:
     """What the scheduler needs to know of a stage's process before it decides devices,
     channel backend and clock offsets."""
     return {
         "hostname": socket.gethostname(),
-        "boot_id": _boot_id(),
+        "boot_id": boot_id(),
         "pid": os.getpid(),
         "cuda": torch.cuda.device_count() if torch.cuda.is_available() else 0,
         "local_rank": local_rank,

@@ -12,9 +12,12 @@ plus the data: stage 0's ``F(n)`` reads ``input`` n and the last stage's ``F(n)`
 last stage keeps each micro-batch's loss statistics in :attr:`Interpreter.stats`.
 
 Emulated device time: with ``pace`` given, an action lasts at least ``pace(action)`` seconds —
-the host waits out the rest after computing and before sending, so the output leaves when
-an accelerator would have produced it. Actions whose compute alone takes longer are counted
-in :attr:`Interpreter.overruns`.
+the host waits out the rest after computing, and its output is usable by the next stage when
+an accelerator would have produced it. Where the transport can hold a message at the
+receiver until a due time (stages on one machine share ``time.perf_counter``), the output is
+sent as soon as it is computed, due at the action's emulated end, so the transfer overlaps
+the wait instead of following it; otherwise it is sent after the wait. Actions whose compute
+alone takes longer are counted in :attr:`Interpreter.overruns`.
 """
 
 from __future__ import annotations
@@ -167,9 +170,18 @@ class Interpreter:
         except Exception as exc:
             raise StageFailure(f"stage {s}: {action} failed: {type(exc).__name__}: {exc}") from exc
         end = self.clock()
-        if self.pace is not None:
-            end = self._wait_out(action, start, end)
         key = self._sends[position]
+        if self.pace is not None:
+            due = start + self.pace(action)
+            if (
+                key is not None
+                and end < due
+                and self.clock is time.perf_counter
+                and self.transport.can_hold(key[3])
+            ):
+                self.transport.send(key, out, due)  # held by the receiver until due
+                key = None
+            end = self._wait_out(action, due, end)
         if key is not None:
             self.transport.send(key, out)
         if stats is not None:
@@ -182,10 +194,8 @@ class Interpreter:
         self.position = position + 1
         return action
 
-    def _wait_out(self, action: Action, start: float, end: float) -> float:
-        """Emulated device time: hold the action until ``pace(action)`` has passed."""
-        assert self.pace is not None
-        due = start + self.pace(action)
+    def _wait_out(self, action: Action, due: float, end: float) -> float:
+        """Emulated device time: hold the action until ``due``."""
         if end > due:
             self.overruns += 1
             self.overrun_s += end - due

@@ -32,7 +32,15 @@ Key = tuple[str, int, int, int]  # (kind, micro-batch, src, dst)
 class Transport(Protocol):
     """What the interpreter needs from a transport."""
 
-    def send(self, key: Key, payload: Any) -> None: ...
+    def send(self, key: Key, payload: Any, due: float | None = None) -> None:
+        """Send ``payload``; with ``due`` (a ``time.perf_counter`` time, only where
+        :meth:`can_hold` says so) the receiver must not use it before then."""
+        ...
+
+    def can_hold(self, dst: int) -> bool:
+        """Whether messages to ``dst`` can be sent early and held at ``dst`` until their due
+        time (emulated device time: the transfer then overlaps the sender's wait)."""
+        ...
 
     def ready(self, key: Key) -> bool:
         """Whether ``recv(key)`` would return without waiting."""
@@ -71,7 +79,7 @@ class LocalTransport:
         self._feed = feed
         self.bytes_sent: dict[int, int] = {}
 
-    def send(self, key: Key, payload: Any) -> None:
+    def send(self, key: Key, payload: Any, due: float | None = None) -> None:
         if key in self._box:
             raise StageFailure(f"stage {key[2]}: message {key} sent twice")
         payload = _copy(key, payload)
@@ -79,6 +87,9 @@ class LocalTransport:
             nbytes = payload.numel() * payload.element_size()
             self.bytes_sent[key[2]] = self.bytes_sent.get(key[2], 0) + nbytes
         self._box[key] = payload
+
+    def can_hold(self, dst: int) -> bool:
+        return False  # the stages take turns: there is no timing to keep
 
     def ready(self, key: Key) -> bool:
         return key in self._box or (key[2] == DRIVER and self._feed is not None)

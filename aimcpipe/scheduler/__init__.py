@@ -31,7 +31,14 @@ from aimcpipe.scheduler.actions import (
 from aimcpipe.scheduler.costs import CostModel, HardwareModel, parse_cost_spec, parse_energy_spec
 from aimcpipe.scheduler.metrics import OrderMetrics, order_metrics
 from aimcpipe.scheduler.policies import POLICIES, build_schedule
-from aimcpipe.scheduler.simulate import SimResult, longest_wait, simulate, sweep, wop_baseline
+from aimcpipe.scheduler.simulate import (
+    SimResult,
+    closed_form_speedup,
+    longest_wait,
+    simulate,
+    sweep,
+    wop_baseline,
+)
 from aimcpipe.scheduler.validate import DeadlockError, validate
 
 __all__ = [
@@ -50,6 +57,7 @@ __all__ = [
     "SimResult",
     "backward",
     "build_schedule",
+    "closed_form_speedup",
     "dependency",
     "forward",
     "longest_wait",

@@ -25,7 +25,7 @@ from aimcpipe.scheduler.metrics import OrderMetrics, order_metrics
 from aimcpipe.scheduler.policies import build_schedule
 from aimcpipe.scheduler.validate import check_structure, deadlock_error
 
-__all__ = ["SimResult", "longest_wait", "simulate", "sweep", "wop_baseline"]
+__all__ = ["SimResult", "closed_form_speedup", "longest_wait", "simulate", "sweep", "wop_baseline"]
 
 log = logging.getLogger(__name__)
 
@@ -293,6 +293,23 @@ def wop_baseline(schedule: Schedule, costs: CostModel | None = None) -> SimResul
         "wop", schedule.num_stages, schedule.microbatches_per_minibatch, schedule.minibatches
     )
     return simulate(wop, costs, check=False)
+
+
+def closed_form_speedup(policy: str, stages: int, microbatches: int, minibatches: int) -> float:
+    """Speedup over wop at S = 1 of a fixed model split evenly into ``stages`` stages, from the
+    closed forms (docs/design.md §4: U = 0, no latency, per-stage costs 1/S of the model's):
+    wop 1; sync-1f1b and gpipe S·Bm/(Bm+S−1); async K·Bm·S/(K·Bm+S−1) (one drain), which
+    tends to S."""
+    s, bm, k = stages, microbatches, minibatches
+    if min(s, bm, k) < 1:
+        raise ValueError(f"stages, microbatches and minibatches must be >= 1, got {s, bm, k}")
+    if policy == "wop":
+        return 1.0
+    if policy in ("sync-1f1b", "gpipe"):
+        return s * bm / (bm + s - 1)
+    if policy == "async":
+        return k * bm * s / (k * bm + s - 1)
+    raise ValueError(f"no closed form for policy {policy!r}")
 
 
 def sweep(

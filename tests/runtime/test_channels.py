@@ -162,3 +162,32 @@ def test_objects_travel_through_the_store_in_chunks():
     assert not store.check(["k"])  # taken: removed
     with pytest.raises(StageFailure, match="nothing arrived"):
         take_obj(store, "missing", 0.2)
+
+
+def test_a_message_sent_early_is_held_by_the_receiver_until_it_is_due():
+    """Emulated device time: neighbours on one machine read the same clock, so a message may
+    leave as soon as it is computed and be held at the receiver until its due time."""
+    chans = _world(2)
+    assert chans[0].can_hold(1) and chans[1].can_hold(0)
+    hold = 0.05
+
+    def stage(s: int) -> float:
+        c = chans[s]
+        c.begin({0: 1} if s == 1 else {})
+        if s == 0:
+            due = time.perf_counter() + hold
+            c.send(("activation", 0, 0, 1), torch.ones(3), due)
+            c.end()
+            return due
+        c.recv(("activation", 0, 0, 1), 10.0)
+        got = time.perf_counter()
+        c.end()
+        return got
+
+    due, got = _in_threads(2, stage)
+    assert got >= due
+    chans[0].begin({})
+    chans[0].latency_s = 0.01
+    assert not chans[0].can_hold(1)  # emulated latency: the sender holds messages itself
+    for c in chans:
+        c.close()

@@ -81,3 +81,29 @@ def test_device_time_on_the_torch_backend(torch_pool, digits):
     assert timing["measured_s"] == pytest.approx(metrics["measured"]["makespan_s"])
     assert timing["efficiency"] == pytest.approx(timing["predicted_s"] / timing["measured_s"])
     assert len(metrics["measured"]["overruns"]) == 3
+
+
+@pytest.mark.slow
+def test_outputs_sent_early_are_not_used_before_the_emulated_end(torch_pool, digits):
+    """Without latency, an output leaves as soon as it is computed and the next stage holds
+    it until the producing action's emulated end: no F starts before its input's F was due."""
+    cycle = 0.004
+    with Pipeline(
+        build_model("digits-fcn"), stages=3, policy="sync-1f1b", microbatches=3,
+        microbatch_size=8, costs=CostModel(forward=1, backward=2, update=1), cycle_s=cycle,
+        progress=False, backend=torch_pool(3),
+    ) as pipe:  # fmt: skip
+        pipe.fit(digits[0].subset(torch.arange(48)), epochs=1)
+        records = pipe._trace
+    assert records is not None
+    starts = {
+        (r.action.kind, s, r.action.microbatches): r.start
+        for s, rs in enumerate(records)
+        for r in rs
+    }
+    for s, rs in enumerate(records):
+        for r in rs:
+            if r.action.kind == "F" and s > 0:
+                assert r.start >= starts["F", s - 1, r.action.microbatches] + cycle
+            if r.action.kind == "B" and s < 2:
+                assert r.start >= starts["B", s + 1, r.action.microbatches] + 2 * cycle

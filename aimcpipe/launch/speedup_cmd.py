@@ -1,0 +1,175 @@
+"""``aimcpipe speedup CONFIG.yaml``: measured speedup vs stage count for each policy.
+
+Trains the config's model, data and seed once per (policy, stage count) on one backend and
+compares each run with wop on one stage: measured and predicted speedup, runtime efficiency,
+utilization, accuracy (see :mod:`aimcpipe.launch.speedup`). Writes ``--out``: ``sweep.json``,
+``runs/POLICY-sS/`` (each a full run directory), ``speedup.json`` and the plots
+(``speedup.png``, ``utilization.png``, ``accuracy.png``); prints a line per run and a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+from aimcpipe.errors import ConfigError
+from aimcpipe.launch.flags import number, policy_list, stage_list
+from aimcpipe.launch.outdir import check_out_dir
+from aimcpipe.launch.speedup import (
+    RESULTS_FILE,
+    load_sweep,
+    plan_sweep,
+    run_sweep,
+    table,
+)
+from aimcpipe.launch.speedup_plots import plot_sweep
+from aimcpipe.runtime.options import BACKENDS
+
+__all__ = ["add_arguments", "run"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OUT = Path("runs/speedup")
+
+EXAMPLES = """examples:
+  aimcpipe speedup configs/digits-analog.yaml --stages 1,2,4 --backend torch --cycle-s 0.002
+  aimcpipe speedup configs/digits-analog.yaml --policies sync-1f1b,async --epochs 3 --out runs/s
+  aimcpipe speedup configs/mnist-fcn.yaml --backend ray --set data.root=data/mnist
+  aimcpipe speedup --resume runs/speedup      # an interrupted sweep: skip the finished runs
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = EXAMPLES
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("config", nargs="?", type=Path, help="YAML config (see configs/)")
+    p.add_argument(
+        "--stages",
+        metavar="LIST",
+        help="stage counts, e.g. 1,2,4,8 (default: 1, 2, 4, ... up to the model's blocks)",
+    )
+    p.add_argument(
+        "--policies",
+        metavar="LIST",
+        default="wop,sync-1f1b,async",
+        help="policies to run (default %(default)s); wop on 1 stage always runs: it is the "
+        "baseline",
+    )
+    p.add_argument(
+        "--backend",
+        choices=list(BACKENDS),
+        help="where stages run (default: the config's pipeline.backend)",
+    )
+    p.add_argument(
+        "--cycle-s",
+        metavar="S",
+        help="emulated device time: seconds per cost-model cycle (default: the config's "
+        "device_time.cycle_s; none: as fast as this machine runs)",
+    )
+    p.add_argument("--epochs", metavar="E", help="epochs per run (default: the config's)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value by key path (repeatable), as for aimcpipe train",
+    )
+    p.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (ray.address)")
+    p.add_argument(
+        "--out", type=Path, metavar="DIR", help=f"output directory (default {DEFAULT_OUT})"
+    )
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument(
+        "--resume",
+        type=Path,
+        metavar="DIR",
+        help="continue the sweep in DIR: finished runs are kept, the rest run",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print speedup.json to stdout at the end")
+
+
+def run(args: argparse.Namespace) -> int:
+    progress = not args.no_progress and sys.stderr.isatty()
+    if args.resume is not None:
+        given = [
+            flag
+            for flag, value in (
+                ("CONFIG", args.config),
+                ("--stages", args.stages),
+                ("--backend", args.backend),
+                ("--cycle-s", args.cycle_s),
+                ("--epochs", args.epochs),
+                ("--set", args.overrides),
+                ("--ray-address", args.ray_address),
+                ("--force", args.force),
+            )
+            if value
+        ]
+        if args.policies != "wop,sync-1f1b,async":
+            given.append("--policies")
+        if given:
+            raise ConfigError(
+                f"--resume: a resumed sweep keeps its settings (sweep.json); drop {given[0]}"
+            )
+        if args.out is not None and args.out.resolve() != args.resume.resolve():
+            raise ConfigError("--out: a resumed sweep continues in its own directory")
+        out = args.resume
+        sweep = load_sweep(out)
+    else:
+        if args.config is None:
+            raise ConfigError("CONFIG: give a config file (see configs/) or --resume DIR")
+        overrides = list(args.overrides)
+        if args.ray_address is not None:
+            if not args.ray_address.strip():
+                raise ConfigError("--ray-address: give a cluster address (host:port, auto)")
+            overrides.append(f"ray.address={args.ray_address}")
+        cycle_s = None
+        if args.cycle_s is not None:
+            cycle_s = number("--cycle-s", args.cycle_s, positive=True)
+        epochs = None
+        if args.epochs is not None:
+            epochs = int(number("--epochs", args.epochs, positive=True))
+            if epochs != float(args.epochs):
+                raise ConfigError(f"--epochs: {args.epochs!r} is not an integer >= 1")
+        out = args.out if args.out is not None else DEFAULT_OUT
+        check_out_dir(out, force=args.force, hint=", or --resume it")
+        sweep = plan_sweep(
+            args.config,
+            stages=stage_list(args.stages),
+            policies=policy_list(args.policies) or [],
+            backend=args.backend,
+            cycle_s=cycle_s,
+            epochs=epochs,
+            overrides=overrides,
+        )
+        if out.exists():
+            shutil.rmtree(out)  # --force (checked above): a new sweep starts empty
+    try:
+        records = run_sweep(sweep, out, resume=args.resume is not None, progress=progress)
+    except KeyboardInterrupt:
+        print(
+            f"aimcpipe speedup: interrupted; the finished runs are kept; continue with: "
+            f"aimcpipe speedup --resume {out}",
+            file=sys.stderr,
+        )
+        return 130
+    model = sweep.config.get("model") or {}
+    plots = plot_sweep(records, out, title=str(model.get("name") or model.get("factory") or ""))
+    if args.json:
+        print((out / RESULTS_FILE).read_text(), end="")
+        return 0
+    print(table(records))
+    print(f"results: {out / RESULTS_FILE}")
+    for path in plots:
+        print(f"plot: {path}")
+    if any(r["overruns"] for r in records):
+        print(
+            "note: some actions took longer on this host than their emulated time "
+            "(overruns in speedup.json); raise --cycle-s for timings true to the cost model"
+        )
+    return 0
