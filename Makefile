@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine with only Python 3.11 and pip:
-#   make run   - set up .venv and run the main job on the embedded default (digits pipeline,
-#                one process per stage on this machine)
+#   make run   - set up .venv and run the main job on the embedded default: measured speedup
+#                of the digits analog pipeline at 1, 2 and 4 stages under every policy, one
+#                process per stage on this machine, with emulated device time
 #   make test  - set up .venv, lint, run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,7 +19,8 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/aimcpipe train configs/digits-analog.yaml --backend torch --out runs/digits --force
+	$(BIN)/aimcpipe speedup configs/digits-analog.yaml --stages 1,2,4 --backend torch \
+	    --cycle-s 0.002 --epochs 8 --out runs/speedup --force
 
 lsq: $(STAMP)
 	$(BIN)/aimcpipe lsq --out runs/lsq --force

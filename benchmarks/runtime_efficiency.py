@@ -1,18 +1,22 @@
-"""How much of a schedule's timing survives the runtime: emulated device time, measured.
+"""Runtime efficiency and measured speedup with emulated device time, torch and Ray.
 
-With ``device_time.cycle_s`` set every action lasts at least its cost × cycle_s (the host
-waits out the rest), so on a small machine the stages behave like accelerators. Runtime
-efficiency = predicted makespan (the cost model's cycles for the executed actions × cycle_s)
-/ measured makespan (first action start to last action end over all stages, clocks
-aligned). 1.0 means the runtime adds nothing; the gap is per-message transport, sleep
-jitter and the scheduler's dispatch.
+An ``aimcpipe speedup`` sweep per backend: a digits analog FCN of 8 layers (so it splits
+into 1, 2, 4 and 8 stages of equal cost under ``cost.per: layer``), one epoch of 1280
+samples (Bm = 4 micro-batches of 8), F = B = U = 1 cycle per layer, every policy. With
+``device_time.cycle_s`` every action lasts its cost in cycles × cycle_s, so the measured
+makespan is what accelerators would take plus what the runtime adds. Reports, per backend,
+stage count and policy:
 
-One epoch of the digits analog network (4 blocks), partitioned into S = 2 and 4 stages, for
-wop, sync-1f1b and async, on the torch and Ray backends, F = B = U = 1 cycle, at two cycle
-times: host compute fits inside an action at both (overruns are reported), and the runtime's
-fixed cost per hop between stages weighs less at the longer one. Run::
+* efficiency = predicted makespan (cycles × cycle_s) / measured makespan
+  (targets: >= 0.95 torch, >= 0.90 Ray);
+* measured speedup of async over wop at S = 1 (targets: >= 3.7× at S = 4, >= 7× at S = 8);
+* where the lost time goes, from each run's trace: the actions' overshoot beyond their
+  emulated time (the wake-up after each wait), summed on the busiest stage, and the rest
+  (messages between stages and the stage's own dispatch between actions).
 
-    PYTHONPATH=. .venv/bin/python benchmarks/runtime_efficiency.py --repeats 3 --cycle-s 0.01,0.03
+Run::
+
+    PYTHONPATH=. .venv/bin/python benchmarks/runtime_efficiency.py --cycle-s 0.005
 
 Results: ``benchmarks/results/runtime_efficiency.json`` and ``.png``.
 """
@@ -21,66 +25,64 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine_info
 
-from aimcpipe.analog import AnalogConfig, DeviceConfig, convert
-from aimcpipe.runtime import Pipeline, load_dataset
-from aimcpipe.runtime.backends import make_backend
-from aimcpipe.runtime.options import RuntimeOptions
-from aimcpipe.stages import build_model
+from aimcpipe.launch.speedup import plan_sweep, run_sweep
 
+ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ("wop", "sync-1f1b", "async")
-TARGET = {"torch": 0.95, "ray": 0.90}
+EFFICIENCY = {"torch": 0.95, "ray": 0.90}
+ASYNC_SPEEDUP = {4: 3.7, 8: 7.0}
+HIDDEN = [64, 64, 64, 64, 48, 48, 32]  # 8 Linear layers: 64 -> ... -> 10
 
 
-def one_epoch(backend, stages: int, policy: str, train, cycle_s: float) -> dict:
-    model = convert(
-        build_model("digits-fcn", seed=0), AnalogConfig(device=DeviceConfig(tau=1.0)), seed=0
-    )
-    with Pipeline(
-        model, stages=stages, policy=policy, microbatches=4, microbatch_size=8, lr=0.1,
-        cycle_s=cycle_s, progress=False, backend=backend,
-    ) as pipe:  # fmt: skip
-        m = pipe.fit(train, epochs=1).to_dict()
-        records = pipe._trace  # this epoch's actions, all stages, on one clock
-    t = m["device_time"]
-    hops, excess = where_the_time_goes(records, cycle_s)
+def config(samples: int) -> dict:
     return {
-        "hop_ms": 1e3 * statistics.median(hops) if hops else 0.0,
-        "excess_ms": 1e3 * statistics.median(excess),
-        "efficiency": t["efficiency"],
-        "predicted_s": t["predicted_s"],
-        "measured_s": t["measured_s"],
-        "cycles": m["cycles"]["makespan"],
-        "overruns": sum(m["measured"]["overruns"]),
+        "seed": 0,
+        "epochs": 1,
+        "model": {"name": "digits-fcn", "kwargs": {"hidden": HIDDEN, "activation": "tanh"}},
+        "analog": {"rule": "analog-sgd", "device": {"kind": "soft-bounds", "tau": 1.0}},
+        "data": {"name": "digits", "limit_train": samples, "limit_test": 100},
+        "pipeline": {"microbatches": 4, "microbatch_size": 8},
+        "optim": {"lr": 0.1},
+        "runtime": {"timeout_s": 120},
+        "checkpoint_every": 0,
     }
 
 
-def where_the_time_goes(records, cycle_s: float) -> tuple[list[float], list[float]]:
-    """Per message: from the end of the action that sent it to the start of the action that
-    needed it, when that action had nothing else to do first (its stage's previous action had
-    ended before the message's sender did) — the transport's cost on the critical path. Per
-    action: how much longer than its emulated time it lasted (sleep overshoot)."""
-    ends = {(r.action.kind, s, r.action.microbatches): r.end for s, rs in enumerate(records)
-            for r in rs}  # fmt: skip
-    hops, excess = [], []
-    for s, rs in enumerate(records):
-        for prev, r in zip([None, *rs[:-1]], rs, strict=True):
-            kind, mbs = r.action.kind, r.action.microbatches
-            src = (kind, s - 1, mbs) if kind == "F" else (kind, s + 1, mbs)
-            if kind in "FB" and src in ends and (prev is None or prev.end <= ends[src]):
-                hops.append(r.start - ends[src])
-            units = len(mbs) if kind == "U" else 1
-            excess.append(r.end - r.start - units * cycle_s)
-    return hops, excess
+def _count(microbatches: str) -> int:
+    """Micro-batches in a trace label: ``"4"``, ``"0-3"`` or ``"1,5"``."""
+    total = 0
+    for part in microbatches.split(","):
+        lo, _, hi = part.partition("-")
+        total += int(hi) - int(lo) + 1 if hi else 1
+    return total
+
+
+def lost_time(run_dir: Path, cycle_s: float) -> tuple[float, float]:
+    """(median overshoot of an action beyond its emulated time in µs, that overshoot summed
+    on the stage with the most of it, in s), from the run's trace and partition."""
+    trace = json.loads((run_dir / "trace.json").read_text())
+    layers = json.loads((run_dir / "partition.json").read_text())["layers"]
+    over: dict[int, list[float]] = {}
+    for e in trace["traceEvents"]:
+        if e.get("ph") != "X":
+            continue
+        s = e["args"]["stage"]
+        units = _count(str(e["args"]["microbatches"])) if e["cat"] == "update" else 1
+        due_us = layers[s] * units * cycle_s * 1e6
+        over.setdefault(s, []).append(e["dur"] - due_us)
+    every = [x for xs in over.values() for x in xs]
+    worst = max(sum(xs) for xs in over.values()) * 1e-6
+    return statistics.median(every), worst
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -92,24 +94,31 @@ def plot(rows: list[dict], path: Path) -> None:
     except ImportError:
         return
     backends = list(dict.fromkeys(r["backend"] for r in rows))
-    cycles = sorted({r["cycle_s"] for r in rows})
-    fig, axes = plt.subplots(1, len(backends), figsize=(5 * len(backends), 3.8), squeeze=False)
-    for ax, backend in zip(axes[0], backends, strict=True):
+    fig, axes = plt.subplots(2, len(backends), figsize=(5.5 * len(backends), 7.5), squeeze=False)
+    for col, backend in enumerate(backends):
+        ax_s, ax_e = axes[0][col], axes[1][col]
+        mine = [r for r in rows if r["backend"] == backend]
+        top = max(r["stages"] for r in mine)
+        ax_s.plot([1, top], [1, top], ":", color="grey", label="ideal (= S)")
         for i, policy in enumerate(POLICIES):
-            for cycle, style in zip(cycles, ("--", "-", ":"), strict=False):
-                pts = [(r["stages"], r["efficiency"]) for r in rows if r["backend"] == backend
-                       and r["policy"] == policy and r["cycle_s"] == cycle]  # fmt: skip
-                ax.plot(*zip(*pts, strict=True), marker="o", ls=style, color=f"C{i}",
-                        label=f"{policy}, cycle {cycle * 1e3:g} ms")  # fmt: skip
-        ax.axhline(TARGET[backend], color="grey", ls="--", lw=1, label=f"target {TARGET[backend]}")
-        ax.set_title(f"{backend} backend")
-        ax.set_xlabel("stages")
-        ax.set_ylabel("predicted / measured makespan")
-        ax.set_ylim(0.8, 1.01)
-        ax.set_xticks(sorted({r["stages"] for r in rows}))
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower left", fontsize=7)
-    fig.suptitle("runtime efficiency with emulated device time")
+            pts = sorted((r["stages"], r["measured_speedup"], r["predicted_speedup"],
+                          r["efficiency"]) for r in mine if r["policy"] == policy)  # fmt: skip
+            xs = [p[0] for p in pts]
+            ax_s.plot(xs, [p[1] for p in pts], "-o", color=f"C{i}", label=f"{policy} measured")
+            ax_s.plot(xs, [p[2] for p in pts], "s", mfc="none", ms=9, color=f"C{i}",
+                      label=f"{policy} predicted")  # fmt: skip
+            ax_e.plot(xs, [p[3] for p in pts], "-o", color=f"C{i}", label=policy)
+        ax_e.axhline(EFFICIENCY[backend], color="grey", ls="--", lw=1,
+                     label=f"target {EFFICIENCY[backend]}")  # fmt: skip
+        for ax in (ax_s, ax_e):
+            ax.set_xticks(sorted({r["stages"] for r in mine}))
+            ax.grid(alpha=0.3)
+            ax.set_xlabel("stages S")
+        ax_s.set(title=f"{backend}: speedup vs wop at S = 1", ylabel="speedup")
+        ax_e.set(title=f"{backend}: runtime efficiency", ylabel="predicted / measured makespan",
+                 ylim=(0.8, 1.01))  # fmt: skip
+        ax_s.legend(fontsize=7, ncol=2)
+        ax_e.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -117,62 +126,65 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--cycle-s", default="0.01,0.03", help="seconds per cycle (list)")
-    parser.add_argument("--samples", type=int, default=640, help="training samples (an epoch)")
+    parser.add_argument("--cycle-s", type=float, default=0.005, help="seconds per cycle")
+    parser.add_argument("--samples", type=int, default=1280, help="training samples (an epoch)")
     parser.add_argument("--backends", default="torch,ray")
-    parser.add_argument("--stages", default="2,4")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--stages", default="1,2,4,8")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
-    train, _ = load_dataset("digits")
-    train = train.subset(torch.arange(args.samples))
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     rows = []
-    cycles = [float(c) for c in args.cycle_s.split(",")]
-    for name in args.backends.split(","):
-        for stages in (int(s) for s in args.stages.split(",")):
-            started = time.perf_counter()
-            backend = make_backend(name, RuntimeOptions(timeout_s=120))
-            runs: dict[tuple[float, str], list[dict]] = {}
-            try:
-                one_epoch(backend, stages, "wop", train, 1e-4)  # warm-up: first-call costs
-                for _ in range(args.repeats):  # cases interleaved on the same processes
-                    for cycle in cycles:
-                        for policy in POLICIES:
-                            result = one_epoch(backend, stages, policy, train, cycle)
-                            runs.setdefault((cycle, policy), []).append(result)
-            finally:
-                backend.close()
-            for (cycle, policy), results in runs.items():
-                eff = [r["efficiency"] for r in results]
-                row = {
-                    "backend": name, "stages": stages, "policy": policy, "cycle_s": cycle,
-                    "efficiency": statistics.median(eff), "efficiency_min": min(eff),
-                    "efficiency_max": max(eff),
-                    "predicted_s": results[0]["predicted_s"],
-                    "measured_s": statistics.median(r["measured_s"] for r in results),
-                    "cycles": results[0]["cycles"],
-                    "overruns": max(r["overruns"] for r in results),
-                    "hop_ms": statistics.median(r["hop_ms"] for r in results),
-                    "action_excess_ms": statistics.median(r["excess_ms"] for r in results),
-                    "meets_target": statistics.median(eff) >= TARGET[name],
-                }  # fmt: skip
+    stages = [int(s) for s in args.stages.split(",")]
+    for backend in args.backends.split(","):
+        started = time.perf_counter()
+        sweep = plan_sweep(config(args.samples), stages=stages, policies=POLICIES,
+                           backend=backend, cycle_s=args.cycle_s)  # fmt: skip
+        with tempfile.TemporaryDirectory() as tmp:
+            records = run_sweep(sweep, Path(tmp) / "sweep", progress=False)
+            for r in records:
+                overshoot_us, in_actions_s = lost_time(Path(tmp) / "sweep" / r["run_dir"],
+                                                       args.cycle_s)  # fmt: skip
+                lost_s = r["measured_makespan_s"] - r["predicted_makespan_s"]
+                row = {k: r[k] for k in (
+                    "policy", "stages", "cycles", "predicted_makespan_s", "measured_makespan_s",
+                    "efficiency", "measured_speedup", "predicted_speedup", "overruns",
+                )}  # fmt: skip
+                row.update(
+                    backend=backend,
+                    lost_s=lost_s,
+                    lost_in_action_overshoot_s=in_actions_s,
+                    lost_between_actions_s=lost_s - in_actions_s,
+                    median_action_overshoot_us=overshoot_us,
+                    meets_efficiency_target=r["efficiency"] >= EFFICIENCY[backend],
+                )
+                if r["policy"] == "async" and r["stages"] in ASYNC_SPEEDUP:
+                    row["meets_speedup_target"] = (
+                        r["measured_speedup"] >= ASYNC_SPEEDUP[r["stages"]]
+                    )
                 rows.append(row)
                 print(
-                    f"{name:5s} S={stages} cycle {cycle * 1e3:g} ms {policy:9s} "
-                    f"efficiency {row['efficiency']:.3f} "
-                    f"(min {row['efficiency_min']:.3f}, max {row['efficiency_max']:.3f}), "
-                    f"predicted {row['predicted_s']:.2f} s, measured {row['measured_s']:.2f} s, "
-                    f"overruns {row['overruns']}; per hop {row['hop_ms']:.2f} ms, "
-                    f"per action +{row['action_excess_ms']:.2f} ms"
+                    f"{backend:5s} S={r['stages']} {r['policy']:9s} efficiency "
+                    f"{r['efficiency']:.3f}, speedup {r['measured_speedup']:.2f}x (predicted "
+                    f"{r['predicted_speedup']:.2f}x), lost {lost_s:.2f} s: "
+                    f"{in_actions_s:.2f} s in action overshoot (median {overshoot_us:.0f} µs), "
+                    f"{lost_s - in_actions_s:.2f} s between actions; overruns {r['overruns']}"
                 )
-            print(f"  ({time.perf_counter() - started:.0f} s with start-up)")
+        print(f"  ({time.perf_counter() - started:.0f} s with start-up)")
     args.out.mkdir(parents=True, exist_ok=True)
     record = {
         "benchmark": "runtime_efficiency",
         "command": "PYTHONPATH=. .venv/bin/python benchmarks/runtime_efficiency.py "
-        f"--repeats {args.repeats} --cycle-s {args.cycle_s} --samples {args.samples}",
+        f"--cycle-s {args.cycle_s} --samples {args.samples} --backends {args.backends} "
+        f"--stages {args.stages}",
         "machine": machine_info(),
-        "targets": TARGET,
+        "settings": {
+            "model_hidden": HIDDEN,
+            "microbatches": 4,
+            "microbatch_size": 8,
+            "cost": "F = B = U = 1 per layer",
+            "epochs": 1,
+        },
+        "targets": {"efficiency": EFFICIENCY, "async_measured_speedup": ASYNC_SPEEDUP},
         "results": rows,
     }
     (args.out / "runtime_efficiency.json").write_text(json.dumps(record, indent=2) + "\n")
