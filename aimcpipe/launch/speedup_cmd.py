@@ -167,9 +167,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"results: {out / RESULTS_FILE}")
     for path in plots:
         print(f"plot: {path}")
-    if any(r["overruns"] for r in records):
+    over = [f"{r['policy']} S={r['stages']}: {r['overruns']}" for r in records if r["overruns"]]
+    if over:
         print(
-            "note: some actions took longer on this host than their emulated time "
-            "(overruns in speedup.json); raise --cycle-s for timings true to the cost model"
+            f"note: actions that took longer on this host than their emulated time "
+            f"({', '.join(over)}); if many, raise --cycle-s for timings true to the cost model"
+        )
+    if sweep.backend == "local":
+        print(
+            "note: on the local backend every stage runs in this one process, so measured "
+            "speedup shows overhead only; use --backend torch or ray"
         )
     return 0
