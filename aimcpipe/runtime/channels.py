@@ -237,8 +237,8 @@ class Channels:
                     self._in[src] = _Inbound(src, pair, first)
         # which neighbours read our clock (same machine): messages to them may be sent early
         # and held there until due (emulated device time)
-        store.set(f"{prefix}/boot/{stage}", boot_id())
         mine = boot_id()
+        store.set(f"{prefix}/boot/{stage}", mine)
         self._same_clock = {
             peer: bool(mine) and store.get(f"{prefix}/boot/{peer}").decode() == mine
             for peer in (stage - 1, stage + 1)
