@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 from aimcpipe.errors import ScheduleError, StageFailure
 from aimcpipe.runtime.memo import ByIdentity
 from aimcpipe.runtime.transport import DRIVER, Key, Transport
-from aimcpipe.scheduler import BACKWARD, FORWARD, Action, received_message, sent_message
+from aimcpipe.scheduler import BACKWARD, FORWARD, UPDATE, Action, received_message, sent_message
 from aimcpipe.stages.stage import LossStats, Stage, summarize
 
 __all__ = ["ActionRecord", "Interpreter", "run_local"]
@@ -65,20 +65,41 @@ def _sends(action: Action, num_stages: int) -> Key | None:
     return None if msg is None else (msg.kind, msg.microbatch, msg.src, msg.dst)
 
 
-_Wiring = tuple[tuple[tuple[Key, ...], ...], tuple[Key | None, ...]]
+def _groups(actions: tuple[Action, ...]) -> tuple[tuple[int, ...] | None, ...]:
+    """Per action: for a backward, the micro-batches of the update that applies it (the
+    first later U that lists its micro-batch), else None. The stage sums a group's
+    gradients as their backwards come (:meth:`Stage.backward`)."""
+    groups: list[tuple[int, ...] | None] = [None] * len(actions)
+    waiting: dict[int, int] = {}  # micro-batch -> index of its backward, until its U
+    for i, (kind, _, mbs) in enumerate(actions):
+        if kind == BACKWARD:
+            waiting[mbs[0]] = i
+        elif kind == UPDATE:
+            for n in mbs:
+                b = waiting.pop(n, None)
+                if b is not None:
+                    groups[b] = mbs
+    return tuple(groups)
+
+
+_Wiring = tuple[
+    tuple[tuple[Key, ...], ...], tuple[Key | None, ...], tuple[tuple[int, ...] | None, ...]
+]
 _wired: ByIdentity[_Wiring] = ByIdentity(64)
 _interleavings: ByIdentity[list[int]] = ByIdentity(16)
 
 
 def _wiring(actions: tuple[Action, ...], num_stages: int) -> _Wiring:
-    """Per action, the keys it receives and the key it sends. Epochs of the same shape share
-    one (cached) schedule, so this is derived once per action list, not once per epoch."""
+    """Per action, the keys it receives, the key it sends and (backwards) its update group.
+    Epochs of the same shape share one (cached) schedule, so this is derived once per action
+    list, not once per epoch."""
     return _wired.get(
         (actions,),
         num_stages,
         lambda: (
             tuple(_needs(a, num_stages) for a in actions),
             tuple(_sends(a, num_stages) for a in actions),
+            _groups(actions),
         ),
     )
 
@@ -115,7 +136,7 @@ class Interpreter:
         self._summary: list[dict[str, float]] = []
         self.overruns = 0
         self.overrun_s = 0.0
-        self._needs, self._sends = _wiring(self.actions, stage.num_stages)
+        self._needs, self._sends, self._groups = _wiring(self.actions, stage.num_stages)
 
     @property
     def stats(self) -> list[dict[str, float]]:
@@ -160,7 +181,7 @@ class Interpreter:
                 target = inputs[1] if len(inputs) > 1 else None
                 out, stats = stage.forward(mbs[0], inputs[0], target)
             elif kind == BACKWARD:
-                out = stage.backward(mbs[0], inputs[0] if inputs else None)
+                out = stage.backward(mbs[0], inputs[0] if inputs else None, self._groups[position])
                 stats = None
             else:
                 stage.update(mbs)

@@ -167,8 +167,11 @@ class Stage:
         self.version = 0
         self.counters = StageCounters()
         self._stash: dict[int, _Stashed] = {}
-        # n -> ([per analog layer: list of (x, d)], [per digital param: grad or None])
-        self._pending: dict[int, tuple[list[list[Any]], list[torch.Tensor | None]]] = {}
+        # n -> ([per analog layer: list of (x, d)], [per digital param: grad or None], or
+        # None where n's gradients went into its group's running sum)
+        self._pending: dict[int, tuple[list[list[Any]], list[torch.Tensor | None] | None]] = {}
+        # update group -> (micro-batches summed so far, per digital param: their sum)
+        self._sums: dict[tuple[int, ...], tuple[list[int], list[torch.Tensor | None]]] = {}
         self._pending_bytes: dict[int, int] = {}
         self._snapshots: dict[int, list[torch.Tensor]] = {}  # version -> weights (stashing)
         self._seed = seed
@@ -285,9 +288,18 @@ class Stage:
         saved.setdefault(x.untyped_storage().data_ptr(), _nbytes(x))
         return y, stats, sum(saved.values())
 
-    def backward(self, n: int, grad: torch.Tensor | None = None) -> torch.Tensor | None:
+    def backward(
+        self, n: int, grad: torch.Tensor | None = None, group: tuple[int, ...] | None = None
+    ) -> torch.Tensor | None:
         """B(n). ``grad`` is d(loss)/d(output) from the next stage (None on the last stage).
-        Returns d(loss)/d(input) to send upstream (None on the first stage)."""
+        Returns d(loss)/d(input) to send upstream (None on the first stage).
+
+        ``group``: the micro-batches of the update that will apply this one, when the caller
+        knows them (the interpreter reads them from the schedule) and ``n``'s backward comes
+        in their order. The digital gradients of a group are then summed as they come, into
+        one buffer per parameter, rather than kept per micro-batch and summed at the update:
+        the same sum in the same order, without a gradient set per micro-batch held in
+        memory (and re-allocated every mini-batch)."""
         stashed = self._stash.pop(n, None)
         if stashed is None:
             raise ScheduleError(f"stage {self.index}: B{n} before F{n}")
@@ -295,14 +307,19 @@ class Stage:
             raise ScheduleError(
                 f"stage {self.index}: B{n} has no gradient from stage {self.index + 1}"
             )
+        summed = self._summed_into(n, group)
         delay = self.version - stashed.version
         hist = self.counters.staleness_histogram
         hist[delay] = hist.get(delay, 0) + 1
         records_of = self._records_of
         for pending in records_of:
             pending.clear()
-        for p in self.digital:
-            p.grad = None
+        if summed is None:
+            for p in self.digital:
+                p.grad = None
+        else:  # autograd adds this micro-batch's gradient to the group's sum so far
+            for p, total in zip(self.digital, summed[1], strict=True):
+                p.grad = total
         self._held_bytes -= stashed.nbytes
         if self.weight_stashing:
             with self._own_rng(), self._weights_of(stashed.version):
@@ -311,11 +328,15 @@ class Stage:
             with self._own_rng():
                 run_backward(stashed.output, grad)
         records = [pending[:] for pending in records_of]
-        grads = [p.grad for p in self.digital]
+        grads: list[torch.Tensor | None] | None = [p.grad for p in self.digital]
         for pending in records_of:
             pending.clear()
         for p in self.digital:
             p.grad = None  # the gradient is now only ours (update may add into it)
+        if summed is not None:
+            summed[0].append(n)
+            summed[1][:] = grads  # type: ignore[index]
+            grads = None  # in the group's sum
         self._pending[n] = (records, grads)
         pending = sum(_nbytes(x) + _nbytes(d) for per_layer in records for x, d in per_layer)
         self._pending_bytes[n] = pending
@@ -325,6 +346,23 @@ class Stage:
         if self.is_first or not stashed.inputs.requires_grad:
             return None
         return stashed.inputs.grad
+
+    def _summed_into(
+        self, n: int, group: tuple[int, ...] | None
+    ) -> tuple[list[int], list[torch.Tensor | None]] | None:
+        """The running sum (members so far, per-parameter sums) that B(n) adds to, or None
+        to keep n's gradients apart: without a group, or when n does not come next in it."""
+        if group is None or not self.digital:
+            return None
+        summed = self._sums.get(group)
+        if summed is None:
+            if n != group[0]:
+                return None
+            summed = self._sums[group] = ([], [None] * len(self.digital))
+        members = summed[0]
+        if len(members) >= len(group) or group[len(members)] != n:
+            return None
+        return summed
 
     @torch.no_grad()
     def update(self, microbatches: Sequence[int]) -> None:
@@ -342,10 +380,12 @@ class Stage:
         for i, layer in enumerate(self.analog):
             layer.analog.pending[:] = [rec for records, _ in entries for rec in records[i]]
             layer.analog.apply_pending(self.lr, scale)
+        # the group's running sum (all or some of its micro-batches), then any kept apart
+        summed = self._sums.pop(tuple(microbatches), None)
         for j, p in enumerate(self.digital):
-            total: torch.Tensor | None = None
+            total: torch.Tensor | None = None if summed is None else summed[1][j]
             for _, grads in entries:
-                g = grads[j]
+                g = None if grads is None else grads[j]
                 if g is None:
                     continue
                 total = g if total is None else total.add_(g)  # backward handed them over

@@ -415,8 +415,8 @@ def test_message_keys_follow_the_stage_count_of_the_same_action_list():
     from aimcpipe.runtime.interpreter import _wiring
 
     actions = (Action("F", 0, 0), Action("B", 0, 0))
-    alone, _ = _wiring(actions, 1)  # the only stage: it reads the target too
-    first, _ = _wiring(actions, 2)  # the first of two: it receives the gradient
+    alone, _, _ = _wiring(actions, 1)  # the only stage: it reads the target too
+    first, _, _ = _wiring(actions, 2)  # the first of two: it receives the gradient
     assert ("target", 0, -1, 0) in alone[0] and ("target", 0, -1, 0) not in first[0]
     assert first[1] == (("gradient", 0, 1, 0),)
 
@@ -443,3 +443,55 @@ def test_loss_statistics_are_summarised_in_bounded_batches(monkeypatch):
     whole, _ = run(1000)
     assert held < 3 and len(batched) == 8
     assert batched == whole
+
+
+def _digital_stage(seed: int = 0) -> Stage:
+    model = _model(None, seed)
+    return Stage(0, 1, [(str(i), m) for i, m in enumerate(model)], lr=0.1, loss_fn=F.cross_entropy)
+
+
+def _train_by_hand(stage: Stage, order: list[int], groups: bool) -> list[torch.Tensor]:
+    """F and B of micro-batches 0-3 in ``order``, then U(0, 1, 2, 3); the weights after."""
+    x, y = _data(4)
+    ns = (0, 1, 2, 3)
+    for n in order:
+        stage.forward(n, x[n * B : (n + 1) * B], y[n * B : (n + 1) * B])
+        stage.backward(n, None, ns if groups else None)
+    stage.update(ns)
+    return [p.detach().clone() for p in stage.digital]
+
+
+@pytest.mark.parametrize("order", [[0, 1, 2, 3], [1, 0, 2, 3], [0, 1, 3, 2]])
+def test_a_groups_running_sum_gives_the_weights_of_gradients_kept_apart(order):
+    kept = _train_by_hand(_digital_stage(), [0, 1, 2, 3], groups=False)
+    summed = _train_by_hand(_digital_stage(), order, groups=True)
+    for a, b in zip(kept, summed, strict=True):
+        if order == [0, 1, 2, 3]:  # the same sum in the same order: bit for bit
+            assert torch.equal(a, b)
+        else:  # some were kept apart: the same sum in another order
+            torch.testing.assert_close(a, b)
+
+
+def test_a_summed_group_holds_one_gradient_set_not_one_per_microbatch():
+    stage = _digital_stage()
+    x, y = _data(3)
+    for n in range(3):
+        stage.forward(n, x[n * B : (n + 1) * B], y[n * B : (n + 1) * B])
+        stage.backward(n, None, (0, 1, 2))
+    assert all(grads is None for _, grads in stage._pending.values())
+    ((members, sums),) = stage._sums.values()
+    assert members == [0, 1, 2] and len(sums) == len(stage.digital)
+    stage.update((0, 1, 2))
+    assert stage.idle and not stage._sums
+
+
+def test_the_interpreter_gives_each_backward_the_group_of_its_update():
+    from aimcpipe.runtime.interpreter import _groups
+
+    sync = build_schedule("sync-1f1b", 2, 4, 2).stages[0]
+    got = {a.microbatches[0]: g for a, g in zip(sync, _groups(sync), strict=True) if g}
+    assert got == {n: (0, 1, 2, 3) if n < 4 else (4, 5, 6, 7) for n in range(8)}
+    asyn = build_schedule("async", 2, 4, 2).stages[1]
+    got = {a.microbatches[0]: g for a, g in zip(asyn, _groups(asyn), strict=True) if g}
+    assert got == {n: (n,) for n in range(8)}
+    assert all(g is None for a, g in zip(sync, _groups(sync), strict=True) if a.kind != "B")
