@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from aimcpipe.errors import StageFailure
-from aimcpipe.runtime.channels import Channels, PeerLost, PeerTimeout
+from aimcpipe.runtime.channels import HEADER_BYTES, Channels, PeerLost, PeerTimeout
 from aimcpipe.runtime.rendezvous import connect_store, host_store, put_obj, take_obj
 
 
@@ -86,6 +86,7 @@ def test_neighbours_sending_to_each_other_at_once_get_everything_in_order():
                 else:
                     assert got.dtype == want.dtype and torch.equal(got, want), key
         c.end()
+        assert not any(c._posted.values())  # every send taken, its buffers let go
         return c.bytes_sent
 
     sent = _in_threads(count, stage)
@@ -126,6 +127,30 @@ def test_messages_taken_out_of_order_wait_in_the_mailbox_and_unused_ones_fail_th
     chans[0].end()
     with pytest.raises(StageFailure, match=r"1 message\(s\) arrived but were never used"):
         chans[1].end()
+    for c in chans:
+        c.close()
+
+
+def test_payloads_larger_than_the_posted_receive_travel_whole_in_both_directions():
+    """A payload that does not fit the posted receive goes on its own and both ends grow
+    the buffer alike (the next one of that size is packed); beyond 1 MiB, always apart."""
+    chans = _world(2)
+    sizes = [70_000, 70_000, 3, 200_000, 200_000, 600_000, 10]  # float32 elements
+    sent = [torch.arange(float(n)) * (i + 1) for i, n in enumerate(sizes)]
+
+    def stage(s: int) -> None:
+        c = chans[s]
+        c.begin({1 - s: len(sizes)})
+        kind = ("activation", "gradient")[s]
+        for i, t in enumerate(sent):
+            c.send((kind, i, s, 1 - s), t)
+        for i, t in enumerate(sent):
+            got = c.recv((("activation", "gradient")[1 - s], i, 1 - s, s), 10.0)
+            assert torch.equal(got, t), i
+        c.end()
+
+    _in_threads(2, stage)
+    assert chans[1]._in[0].capacity == chans[0]._capacity[1] == HEADER_BYTES + 200_000 * 4
     for c in chans:
         c.close()
 

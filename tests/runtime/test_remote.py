@@ -75,3 +75,54 @@ def test_a_wait_longer_than_the_timeout_on_a_working_stage_says_to_raise_the_tim
         "stage 0 waited 60 s for stage 1, which was still working; it was last seen at its "
         "action 1F2 (4 of 9 in epoch 1); raise runtime.timeout_s if one wait can last that long"
     )
+
+
+class _Call:
+    """A command that finishes after ``waits`` waits (blocking) or ``polls`` polls."""
+
+    def __init__(self, value, blocks: bool, waits: int = 0, polls: int = 0) -> None:
+        self.value, self.blocks, self.waits, self.polls = value, blocks, waits, polls
+        self.waited: list[float] = []
+
+    def poll(self):
+        if self.blocks:
+            return (len(self.waited) >= self.waits, ("ok", self.value))
+        self.polls -= 1
+        return (self.polls < 0, ("ok", self.value))
+
+    def wait(self, timeout_s: float) -> None:
+        self.waited.append(timeout_s)
+
+
+class _Handle:
+    def __init__(self, stage: int, call: _Call) -> None:
+        self.stage, self.call = stage, call
+
+    def submit(self, method, *args):
+        return self.call
+
+    def death(self):
+        return None
+
+    def progress(self):
+        return {"epoch": 0, "done": 0, "total": 1, "at": None}
+
+
+def test_the_scheduler_sleeps_in_a_blocking_wait_not_in_naps(monkeypatch):
+    """Stage 0's call can block (a thread beside the scheduler; Ray's calls too): the
+    scheduler waits in it, so an epoch's end is seen when it happens, not a nap later;
+    calls that cannot block are polled, with naps only once no blocking call is left."""
+    from types import SimpleNamespace
+
+    from aimcpipe.runtime.backends import remote
+
+    naps: list[float] = []
+    monkeypatch.setattr(remote.time, "sleep", naps.append)
+    inline, other = _Call("a", blocks=True, waits=3), _Call("b", blocks=False, polls=5)
+    fake = type("Fake", (remote.RemoteBackend,), {"_launch": lambda self, n: None})
+    backend = fake.__new__(fake)
+    backend.handles = [_Handle(0, inline), _Handle(1, other)]
+    backend.options = SimpleNamespace(timeout_s=60.0)
+    assert backend._gather("run_epoch", [(), ()], epoch=True, watch=None) == ["a", "b"]
+    assert len(inline.waited) == 3 and all(0 < t <= 0.05 for t in inline.waited)
+    assert len(naps) == 5 - 3 and naps[0] == 0.0005  # after the blocking call, short naps

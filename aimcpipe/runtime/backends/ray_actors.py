@@ -121,10 +121,15 @@ class StageActor:
 
 
 class _RayCall:
+    blocks = True
+
     def __init__(self, ray: Any, ref: Any, stage: int) -> None:
         self.ray = ray
         self.ref = ref
         self.stage = stage
+
+    def wait(self, timeout_s: float) -> None:
+        self.ray.wait([self.ref], timeout=timeout_s)
 
     def poll(self) -> tuple[bool, Answer | None]:
         ready, _ = self.ray.wait([self.ref], timeout=0)

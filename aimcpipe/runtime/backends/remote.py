@@ -40,8 +40,17 @@ Answer = tuple[str, Any]  # ("ok", value) or ("error", info)
 
 
 class Call(Protocol):
+    #: whether :meth:`wait` blocks until the command finishes (else it cannot, and the
+    #: scheduler polls with naps)
+    blocks: bool
+
     def poll(self) -> tuple[bool, Answer | None]:
         """``(True, answer)`` once the command has finished, else ``(False, None)``."""
+        ...
+
+    def wait(self, timeout_s: float) -> None:
+        """Return once the command has finished or ``timeout_s`` has passed (at once where
+        the call cannot block)."""
         ...
 
 
@@ -289,7 +298,10 @@ class RemoteBackend(Backend):
                     self._abort(answer[1]["message"])
                     raise StageFailure(answer[1]["message"])
                 return answer[1]
-            time.sleep(0.0005)
+            if call.blocks:
+                call.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+            else:
+                time.sleep(0.0005)
         self._abort(f"stage {handle.stage} did not answer {method}")
         raise StageFailure(
             f"stage {handle.stage} did not answer {method} within {self.options.timeout_s:g} s"
@@ -369,5 +381,13 @@ class RemoteBackend(Backend):
                     progress = {h.stage: h.progress() for h in self.handles}
                     working = {s for s, (_, t) in seen.items() if epoch and now - t < timeout}
                     raise StageFailure(diagnose(failures, progress, timeout, working))
-            time.sleep(nap)
-            nap = min(nap * 1.5, 0.05 if epoch else 0.01)
+            # sleep until a call that can block finishes (the end of an epoch is seen at
+            # once, not up to a nap later); poll the others with naps that grow, but start
+            # short again after each blocking wait (the stages end close together)
+            blocking = next((c for s, c in calls.items() if c.blocks and s not in failures), None)
+            if blocking is not None:
+                blocking.wait(min(0.05, max(0.0, next_look - time.monotonic())))
+                nap = 0.0005
+            else:
+                time.sleep(nap)
+                nap = min(nap * 1.5, 0.05 if epoch else 0.01)

@@ -117,11 +117,16 @@ class World:
 
 
 class _FutureCall:
+    blocks = True
+
     def __init__(self, future: concurrent.futures.Future[Answer]) -> None:
         self.future = future
 
     def poll(self) -> tuple[bool, Answer | None]:
         return (True, self.future.result()) if self.future.done() else (False, None)
+
+    def wait(self, timeout_s: float) -> None:
+        concurrent.futures.wait([self.future], timeout=timeout_s)
 
 
 class _DaemonThread:
@@ -189,12 +194,19 @@ class InlineHandle(Handle):
 
 
 class _StoreCall:
+    # the store's own wait would do, but each one that times out logs two lines of torch's
+    # on stderr: the scheduler polls these instead
+    blocks = False
+
     def __init__(self, store: dist.Store, key: str) -> None:
         self.store = store
         self.key = key
 
     def poll(self) -> tuple[bool, Answer | None]:
         return try_take_obj(self.store, self.key)
+
+    def wait(self, timeout_s: float) -> None:
+        return
 
 
 class RankHandle(Handle):
