@@ -417,6 +417,8 @@ class Channels:
         one after it; returns its kind, micro-batch, payload and due time (0: none)."""
         what = f"send its {wanted[0]} of micro-batch {wanted[1]}"
         self._wait(inbound.work, inbound.src, deadline, what)
+        for dst in self._posted:  # let sent buffers go before allocating receive buffers
+            self._reap(dst)
         buffer = inbound.buffer
         assert buffer is not None
         if self.backend == "nccl":
