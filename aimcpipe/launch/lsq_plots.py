@@ -21,7 +21,7 @@ def _pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log.warning("matplotlib is not installed (pip install 'aimcpipe[plot]'): no plots")
+        log.warning("matplotlib is not installed (pip install matplotlib): no plots")
         return None
     return plt
 

@@ -6,7 +6,7 @@
   policy and stage count;
 * ``accuracy.png``: test accuracy vs epoch and vs cycles, one line per policy and stage count.
 
-matplotlib is optional (``aimcpipe[plot]``); without it the plots are skipped with a warning.
+matplotlib is imported only when plotting; without it the plots are skipped with a warning.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def _pyplot() -> Any:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log.warning("matplotlib is not installed; no plots (pip install 'aimcpipe[plot]')")
+        log.warning("matplotlib is not installed; no plots (pip install matplotlib)")
         return None
     return plt
 

@@ -1,6 +1,6 @@
 """Speedup and utilization vs stage count, one line per policy (cf. arXiv 2410.15155).
 
-matplotlib is an optional extra (``aimcpipe[plot]``): it is imported only when a plot is
+matplotlib (a dependency of the core install) is imported only when a plot is
 drawn, and if it is missing the plot is skipped with a logged warning.
 """
 
@@ -28,7 +28,7 @@ def plot_speedup(
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log.warning("matplotlib is not installed; skipping %s (pip install 'aimcpipe[plot]')", path)
+        log.warning("matplotlib is not installed; skipping %s (pip install matplotlib)", path)
         return None
     path = Path(path)
     by_policy: dict[str, list[Mapping[str, Any]]] = {}
