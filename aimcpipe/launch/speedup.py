@@ -257,7 +257,7 @@ def _finished(run_dir: Path, cfg: TrainConfig) -> dict[str, Any] | None:
         return None
     try:
         recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, ValueError, yaml.YAMLError) as exc:
         raise ConfigError(f"--resume: {run_dir} cannot be read ({exc})") from None
     expected = yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if cfg.pipeline.partition == "time" and isinstance(recorded, dict):

@@ -213,10 +213,18 @@ def _yaml(text: str) -> Any:
 def load_config(path: str | Path) -> dict[str, Any]:
     """The plain YAML data of a config file (validate with ``TrainConfig.from_dict``)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"CONFIG: {path} is a directory; give a YAML file (see configs/)")
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"CONFIG: {path} is not a regular file; give a YAML file")
     if not path.is_file():
         raise ConfigError(f"CONFIG: {path} does not exist (see configs/ for examples)")
     try:
-        data = _yaml(path.read_text())
+        data = _yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"CONFIG: {path} is not a text file (YAML in UTF-8)") from None
+    except OSError as exc:
+        raise ConfigError(f"CONFIG: cannot read {path}: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

@@ -193,8 +193,12 @@ def load_schedule(path: str | Path, fmt: str | None = None, *, check: bool = Tru
     """Read a schedule file (JSON or CSV) and, with ``check``, validate it."""
     path = Path(path)
     kind = _format_of(path, fmt)
+    if path.is_dir():
+        raise ConfigError(f"schedule file {path} is a directory; give a .json or .csv file")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"schedule file {path} is not a text file (JSON or CSV)") from None
     except OSError as exc:
         raise ConfigError(f"cannot read schedule file {path}: {exc.strerror}") from None
     if kind == "json":
