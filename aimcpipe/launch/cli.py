@@ -106,3 +106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Output piped into `head` and friends: stop quietly, as Unix tools do.
         sys.stderr.close()
         return 0
+    except OSError as exc:  # e.g. a disk that filled up while the results were written
+        where = f" {exc.filename}" if exc.filename else ""
+        reason = exc.strerror or str(exc)
+        print(f"aimcpipe {args.command}: error: cannot write or read{where}: {reason}",
+              file=sys.stderr)  # fmt: skip
+        return 2

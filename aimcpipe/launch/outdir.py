@@ -15,7 +15,7 @@ from pathlib import Path
 
 from aimcpipe.errors import ConfigError
 
-__all__ = ["check_out_dir", "staged_dir"]
+__all__ = ["check_out_dir", "check_writable", "staged_dir"]
 
 
 # What aimcpipe commands write into an output directory. ``--force`` replaces a directory only
@@ -56,7 +56,30 @@ def check_out_dir(out: str | Path | None, *, force: bool, hint: str = "") -> Pat
                 f"--out: {out} holds {foreign[0]!r}, which aimcpipe did not write; --force "
                 "replaces only aimcpipe output directories"
             )
+    check_writable(path, "--out")
     return path
+
+
+def check_writable(path: Path, flag: str) -> None:
+    """Refuse, before any work, a directory that could not be written: ``path`` and the
+    folder holding it (a run writes into the one, a staged output is made in the other), or,
+    for a new ``path``, the nearest existing folder above it. Tried by making and removing a
+    temporary directory, which also catches a read-only file system and permissions that
+    ``os.access`` does not judge."""
+    resolved = path.resolve()
+    if resolved.exists():
+        places = [resolved, resolved.parent]
+    else:
+        nearest = resolved.parent
+        while not nearest.exists() and nearest != nearest.parent:
+            nearest = nearest.parent
+        places = [nearest]
+    for place in places:
+        try:
+            Path(tempfile.mkdtemp(prefix=".aimcpipe-probe-", dir=place)).rmdir()
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise ConfigError(f"{flag}: cannot write in {place} ({reason.lower()})") from None
 
 
 @contextmanager

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from aimcpipe.errors import ConfigError
 from aimcpipe.launch.flags import number, policy_list, stage_list
-from aimcpipe.launch.outdir import check_out_dir
+from aimcpipe.launch.outdir import check_out_dir, check_writable
 from aimcpipe.launch.speedup import (
     RESULTS_FILE,
     load_sweep,
@@ -119,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         if args.out is not None and args.out.resolve() != args.resume.resolve():
             raise ConfigError("--out: a resumed sweep continues in its own directory")
         out = args.resume
+        check_writable(out, "--resume")
         sweep = load_sweep(out)
     else:
         if args.config is None:

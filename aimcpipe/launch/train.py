@@ -23,7 +23,7 @@ from torch import nn
 
 from aimcpipe.analog.convert import convert
 from aimcpipe.errors import ConfigError
-from aimcpipe.launch.outdir import check_out_dir
+from aimcpipe.launch.outdir import check_out_dir, check_writable
 from aimcpipe.launch.train_config import (
     TrainConfig,
     apply_overrides,
@@ -263,6 +263,7 @@ def train(
             raise ConfigError("--out: a resumed run continues in its own directory")
         if not (run_dir / CHECKPOINT_NAME).is_file():
             raise ConfigError(f"--resume: {run_dir} has no {CHECKPOINT_NAME} to continue from")
+        check_writable(run_dir, "--resume")
     else:
         run_dir = check_out_dir(out, force=force, hint=", or --resume it")
     pipe, train_data, test_data = build_job(cfg, out=None, progress=progress)

@@ -41,3 +41,47 @@ def test_schedule_file_that_is_binary_or_a_directory_is_one_line(capsys, tmp_pat
     folder = tmp_path / "d.json"
     folder.mkdir()
     _one_line(capsys, ["simulate", "--schedule", str(folder)], "is a directory")
+
+
+ROOT_CASES = [
+    ["simulate", "--stages", "2", "--microbatches", "2"],
+    ["lsq"],
+    ["train", CONFIG],
+    ["speedup", CONFIG],
+]
+
+
+@pytest.mark.parametrize("argv", ROOT_CASES, ids=lambda a: a[0])
+def test_an_out_that_cannot_be_written_is_refused_before_any_work(
+    capsys, tmp_path, monkeypatch, argv
+):
+    """A read-only file system (simulated: making anything there fails with EROFS) is found
+    before the command computes anything, not when it writes its results."""
+    import errno
+    import tempfile
+
+    from aimcpipe.launch import outdir
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(outdir.tempfile, "mkdtemp", read_only)
+    out = tmp_path / "out"
+    _one_line(capsys, [*argv, "--out", str(out)], f"--out: cannot write in {tmp_path}",
+              "read-only file system")  # fmt: skip
+    assert not out.exists()
+    monkeypatch.setattr(outdir.tempfile, "mkdtemp", tempfile.mkdtemp)
+
+
+def test_an_out_in_a_folder_without_write_permission_is_refused(capsys, tmp_path):
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root writes anywhere; the read-only case above covers the check")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        _one_line(capsys, ["lsq", "--out", str(locked / "run")], "--out: cannot write in")
+    finally:
+        locked.chmod(0o755)
