@@ -45,8 +45,11 @@ class LsqProblem:
         return residual.square_().mean(dim=1).mul_(0.5)
 
 
+PROBLEM_DIM, PROBLEM_SAMPLES = 40, 100  # the paper's least-squares problem
+
+
 def make_problem(
-    seed: int, dim: int = 40, samples: int = 100, noise_std: float = 0.1
+    seed: int, dim: int = PROBLEM_DIM, samples: int = PROBLEM_SAMPLES, noise_std: float = 0.1
 ) -> LsqProblem:
     gen = torch.Generator().manual_seed(derive_seed(seed, "lsq-problem"))
     a, x_star = lsq_problem(gen, samples, dim)

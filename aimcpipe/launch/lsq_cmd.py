@@ -20,7 +20,17 @@ import torch
 from tqdm import tqdm
 
 from aimcpipe.errors import ConfigError
-from aimcpipe.launch.lsq import ALGORITHMS, MODES, LsqRun, asymptotic_error, make_problem, run_lsq
+from aimcpipe.launch.flags import check_size, path_arg
+from aimcpipe.launch.lsq import (
+    ALGORITHMS,
+    MODES,
+    PROBLEM_DIM,
+    PROBLEM_SAMPLES,
+    LsqRun,
+    asymptotic_error,
+    make_problem,
+    run_lsq,
+)
 from aimcpipe.launch.outdir import check_out_dir, staged_dir
 
 __all__ = ["add_arguments", "run"]
@@ -77,7 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="Tiki-Taka transfer lr α as a multiple of its fast-tile lr β (paper: 1)",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="output directory")
+    p.add_argument("--out", type=path_arg, default=None, help="output directory")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out DIR")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -155,8 +165,29 @@ def _table(runs: list[LsqRun]) -> str:
     return "\n".join(lines)
 
 
+# lower bounds for the size check, measured with the default problem (dim 40, 100 samples):
+# ~25 µs per iteration of Python and small-tensor overhead, and 1e10 multiply-adds a second
+_SECONDS_PER_ITERATION = 2.5e-5
+_MACS_PER_SECOND = 1e10
+
+
+def _check_lsq_size(plan: list[dict[str, Any]], replicas: int, dim: int, samples: int) -> None:
+    """Refuse a plan that would not fit or finish: each run holds an R × R identity and a
+    few R × D tiles (float64), and each iteration costs ~R·D·(R + 2·samples) multiply-adds."""
+    iterations = sum(p["iterations"] for p in plan)
+    need = 8 * (replicas * replicas + 8 * replicas * dim + max(p["iterations"] for p in plan))
+    macs = iterations * replicas * dim * (replicas + 2 * samples)
+    check_size(
+        "--replicas/--tau-iterations/--lr-budget",
+        f"{len(plan)} runs of {iterations:,} iterations in all with {replicas:,} replicas",
+        need,
+        iterations * _SECONDS_PER_ITERATION + macs / _MACS_PER_SECOND,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     plan = _plan(args)
+    _check_lsq_size(plan, args.replicas, PROBLEM_DIM, PROBLEM_SAMPLES)
     out = check_out_dir(args.out, force=args.force)
     torch.set_num_threads(1)  # the problem is tiny: threads only add overhead
     problem = make_problem(args.seed)

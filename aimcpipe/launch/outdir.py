@@ -36,6 +36,8 @@ def check_out_dir(out: str | Path | None, *, force: bool, hint: str = "") -> Pat
     earlier aimcpipe output directory, which will be replaced."""
     if out is None:
         return None
+    if not str(out).strip():
+        raise ConfigError("--out: give a directory name (an empty path is not one)")
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out: {out} exists and is not a directory")
@@ -74,12 +76,34 @@ def check_writable(path: Path, flag: str) -> None:
         while not nearest.exists() and nearest != nearest.parent:
             nearest = nearest.parent
         places = [nearest]
+        _check_names(resolved, nearest, flag)
     for place in places:
         try:
             Path(tempfile.mkdtemp(prefix=".aimcpipe-probe-", dir=place)).rmdir()
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             raise ConfigError(f"{flag}: cannot write in {place} ({reason.lower()})") from None
+
+
+# staged_dir's sibling of DIR is ".DIR.tmp-XXXXXXXX": 14 bytes longer than DIR's own name
+_STAGED_EXTRA = 14
+
+
+def _check_names(path: Path, nearest: Path, flag: str) -> None:
+    """A new directory's names must fit the file system, with room for the staged sibling,
+    so that a long name is refused now rather than when the results are written."""
+    try:
+        name_max = os.pathconf(nearest, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    missing = path.relative_to(nearest).parts
+    for i, part in enumerate(missing):
+        room = name_max - (_STAGED_EXTRA if i == len(missing) - 1 else 0)
+        if len(os.fsencode(part)) > room:
+            raise ConfigError(
+                f"{flag}: the name {part[:20]}... is {len(os.fsencode(part))} bytes long; "
+                f"at most {room} fit here"
+            )
 
 
 @contextmanager

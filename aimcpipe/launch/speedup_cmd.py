@@ -10,15 +10,17 @@ utilization, accuracy (see :mod:`aimcpipe.launch.speedup`). Writes ``--out``: ``
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import sys
 from pathlib import Path
 
 from aimcpipe.errors import ConfigError
-from aimcpipe.launch.flags import number, policy_list, stage_list
+from aimcpipe.launch.flags import int_flag, number, path_arg, policy_list, stage_list
 from aimcpipe.launch.outdir import check_out_dir, check_writable
 from aimcpipe.launch.speedup import (
+    BASELINE,
     RESULTS_FILE,
     load_sweep,
     plan_sweep,
@@ -26,6 +28,14 @@ from aimcpipe.launch.speedup import (
     table,
 )
 from aimcpipe.launch.speedup_plots import plot_sweep
+from aimcpipe.launch.train import load_data
+from aimcpipe.launch.train_config import (
+    TrainConfig,
+    apply_overrides,
+    check_run_size,
+    load_config,
+    parse_overrides,
+)
 from aimcpipe.runtime.options import BACKENDS
 
 __all__ = ["add_arguments", "run"]
@@ -45,7 +55,7 @@ EXAMPLES = """examples:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = EXAMPLES
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("config", nargs="?", type=Path, help="YAML config (see configs/)")
+    p.add_argument("config", nargs="?", type=path_arg, help="YAML config (see configs/)")
     p.add_argument(
         "--stages",
         metavar="LIST",
@@ -80,17 +90,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (ray.address)")
     p.add_argument(
-        "--out", type=Path, metavar="DIR", help=f"output directory (default {DEFAULT_OUT})"
+        "--out", type=path_arg, metavar="DIR", help=f"output directory (default {DEFAULT_OUT})"
     )
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument(
         "--resume",
-        type=Path,
+        type=path_arg,
         metavar="DIR",
         help="continue the sweep in DIR: finished runs are kept, the rest run",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print speedup.json to stdout at the end")
+
+
+def _base_config(
+    config: Path, overrides: list[str], cycle_s: float | None, epochs: int | None
+) -> TrainConfig:
+    """The config as the sweep's baseline will run it (for the size estimate)."""
+    data = load_config(config)
+    apply_overrides(data, parse_overrides(overrides))
+    if cycle_s is not None:
+        apply_overrides(data, [(["device_time", "cycle_s"], cycle_s)])
+    if epochs is not None:
+        apply_overrides(data, [(["epochs"], epochs)])
+    return TrainConfig.from_dict(data)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -119,35 +142,53 @@ def run(args: argparse.Namespace) -> int:
         if args.out is not None and args.out.resolve() != args.resume.resolve():
             raise ConfigError("--out: a resumed sweep continues in its own directory")
         out = args.resume
+        if not out.exists():
+            raise ConfigError(f"--resume: {out} does not exist (give a sweep's --out directory)")
+        if not out.is_dir():
+            raise ConfigError(f"--resume: {out} is a file, not a sweep's --out directory")
         check_writable(out, "--resume")
         sweep = load_sweep(out)
     else:
         if args.config is None:
             raise ConfigError("CONFIG: give a config file (see configs/) or --resume DIR")
         overrides = list(args.overrides)
+        names: dict[str, str] = {}
         if args.ray_address is not None:
             if not args.ray_address.strip():
                 raise ConfigError("--ray-address: give a cluster address (host:port, auto)")
-            overrides.append(f"ray.address={args.ray_address}")
+            overrides.append(f"ray.address={json.dumps(args.ray_address)}")  # JSON is YAML
         cycle_s = None
         if args.cycle_s is not None:
             cycle_s = number("--cycle-s", args.cycle_s, positive=True)
+            names["device_time.cycle_s"] = "--cycle-s"
         epochs = None
         if args.epochs is not None:
-            epochs = int(number("--epochs", args.epochs, positive=True))
-            if epochs != float(args.epochs):
-                raise ConfigError(f"--epochs: {args.epochs!r} is not an integer >= 1")
+            epochs = int_flag("--epochs", args.epochs, 1)
+            names["epochs"] = "--epochs"
+        stages = stage_list(args.stages)
+        policies = policy_list(args.policies) or []
         out = args.out if args.out is not None else DEFAULT_OUT
-        check_out_dir(out, force=args.force, hint=", or --resume it")
+        flag = "--out" if args.out is not None else f"--out (default {DEFAULT_OUT})"
+        try:
+            check_out_dir(out, force=args.force, hint=", or --resume it")
+        except ConfigError as exc:
+            raise ConfigError(str(exc).replace("--out", flag, 1)) from None
+        # the first run's work and memory, estimated before the model is built
+        base = _base_config(args.config, overrides, cycle_s, epochs)
+        samples = len(load_data(base)[0])
+        check_run_size(base, train_samples=samples, runs=[BASELINE], names=names)
         sweep = plan_sweep(
             args.config,
-            stages=stage_list(args.stages),
-            policies=policy_list(args.policies) or [],
+            stages=stages,
+            policies=policies,
             backend=args.backend,
             cycle_s=cycle_s,
             epochs=epochs,
             overrides=overrides,
         )
+        # and the whole sweep's
+        first = sweep.run_config(*BASELINE)
+        check_run_size(first, train_samples=samples, runs=sweep.runs(), names=names)
         if out.exists():
             shutil.rmtree(out)  # --force (checked above): a new sweep starts empty
     try:

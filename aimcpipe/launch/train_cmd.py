@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
 from aimcpipe.errors import ConfigError
-from aimcpipe.launch.train import plan, train
+from aimcpipe.launch.flags import int_flag, number, path_arg
+from aimcpipe.launch.outdir import check_out_dir, check_writable
+from aimcpipe.launch.train import load_data, plan, resolve_config, train
+from aimcpipe.launch.train_config import check_run_size
 from aimcpipe.runtime.backends.torch_dist import World, release_world, serve
 from aimcpipe.runtime.checkpoint import CHECKPOINT_NAME
 from aimcpipe.runtime.options import BACKENDS
@@ -35,7 +39,7 @@ EXAMPLES = """examples:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = EXAMPLES
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("config", nargs="?", type=Path, help="YAML config (see configs/)")
+    p.add_argument("config", nargs="?", type=path_arg, help="YAML config (see configs/)")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -51,18 +55,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="where stages run: local (one process), torch (one process per stage, or "
         "torchrun's), ray (one actor per stage) (pipeline.backend)",
     )
-    p.add_argument(
-        "--stages", type=int, metavar="N", help="number of pipeline stages (pipeline.stages)"
-    )
+    p.add_argument("--stages", metavar="N", help="number of pipeline stages (pipeline.stages)")
     p.add_argument(
         "--policy",
         choices=list(POLICIES),
         help="schedule policy (pipeline.policy)",
     )
-    p.add_argument("--epochs", type=int, metavar="E", help="number of epochs (epochs)")
+    p.add_argument("--epochs", metavar="E", help="number of epochs (epochs)")
     p.add_argument(
         "--cycle-s",
-        type=float,
         metavar="S",
         help="emulated device time: seconds per cost-model cycle (device_time.cycle_s)",
     )
@@ -72,11 +73,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="join this Ray cluster instead of starting a local Ray (ray.address)",
     )
     p.add_argument(
-        "--out", type=Path, metavar="DIR", help="run directory (default: no files written)"
+        "--out", type=path_arg, metavar="DIR", help="run directory (default: no files written)"
     )
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument(
-        "--resume", type=Path, metavar="DIR", help="continue the run in DIR from its checkpoint"
+        "--resume", type=path_arg, metavar="DIR", help="continue the run in DIR from its checkpoint"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
@@ -99,24 +100,86 @@ def run(args: argparse.Namespace) -> int:
             release_world(world)
 
 
+# the shortcut flags and the config keys they set
+SHORTCUTS = (
+    ("--backend", "backend", "pipeline.backend"),
+    ("--stages", "stages", "pipeline.stages"),
+    ("--policy", "policy", "pipeline.policy"),
+    ("--epochs", "epochs", "epochs"),
+    ("--cycle-s", "cycle_s", "device_time.cycle_s"),
+    ("--ray-address", "ray_address", "ray.address"),
+)
+
+
+def _shortcut_values(args: argparse.Namespace) -> dict[str, tuple[str, object]]:
+    """Config key -> (flag, value) of every shortcut flag given, each checked here so that its
+    errors name the flag."""
+    out: dict[str, tuple[str, object]] = {}
+    for flag, attr, key in SHORTCUTS:
+        text = getattr(args, attr)
+        if text is None:
+            continue
+        value: object = text
+        if flag in ("--stages", "--epochs"):
+            value = int_flag(flag, text, 1)
+        elif flag == "--cycle-s":
+            value = number(flag, text, positive=True)
+        elif flag == "--ray-address" and not text.strip():
+            raise ConfigError(f"{flag}: give a cluster address (host:port, ray://..., auto)")
+        out[key] = (flag, value)
+    return out
+
+
+def _in_user_terms(message: str, typed: dict[str, str]) -> str:
+    """Name what the user typed: a config key set by a shortcut flag becomes the flag
+    (``pipeline.stages: ...`` -> ``--stages: ...``), anywhere in the message for dotted keys
+    and at its start for ``epochs``."""
+    for key, flag in typed.items():
+        for prefix in (f"{key}:", f"--set {key}:"):
+            if message.startswith(prefix):
+                message = f"{flag}:{message[len(prefix) :]}"
+        message = message.replace(f"set {key}: ", f"{flag} ")  # a suggested value
+        if "." in key:
+            message = re.sub(rf"(?<![\w.-]){re.escape(key)}(?![\w.])", flag, message)
+    return message
+
+
 def _run(args: argparse.Namespace) -> int:
-    if args.ray_address is not None and not args.ray_address.strip():
-        raise ConfigError("--ray-address: give a cluster address (host:port, ray://..., auto)")
+    shortcuts = _shortcut_values(args)
+    typed = {key: flag for key, (flag, _) in shortcuts.items()}
+    if args.resume is not None:
+        typed["CONFIG"] = "--resume"
+    try:
+        return _train(args, shortcuts, typed)
+    except ConfigError as exc:
+        raise ConfigError(_in_user_terms(str(exc), typed)) from None
+
+
+def _check_resume(run_dir: Path) -> None:
+    if not run_dir.exists():
+        raise ConfigError(f"--resume: {run_dir} does not exist (give a run directory)")
+    if not run_dir.is_dir():
+        raise ConfigError(f"--resume: {run_dir} is a file, not a run directory")
+
+
+def _train(
+    args: argparse.Namespace, shortcuts: dict[str, tuple[str, object]], typed: dict[str, str]
+) -> int:
+    # JSON is YAML: each value reaches the config as what it is (an address stays a string)
     overrides = list(args.overrides)
-    for flag, key in (
-        ("backend", "pipeline.backend"),
-        ("stages", "pipeline.stages"),
-        ("policy", "pipeline.policy"),
-        ("epochs", "epochs"),
-        ("cycle_s", "device_time.cycle_s"),
-        ("ray_address", "ray.address"),
-    ):
-        value = getattr(args, flag)
-        if value is not None:
-            overrides.append(f"{key}={value}")
+    overrides += [f"{key}={json.dumps(value)}" for key, (_, value) in shortcuts.items()]
+    if args.resume is not None:
+        _check_resume(args.resume)
+    if args.dry_run and (args.resume is not None or args.out is not None):
+        raise ConfigError("--dry-run writes nothing; drop --out/--resume")
+    cfg = resolve_config(args.config, overrides, args.resume)
+    if args.resume is not None:
+        check_writable(args.resume, "--resume")
+    elif not args.dry_run:
+        check_out_dir(args.out, force=args.force, hint=", or --resume it")
+    # work and memory, estimated before anything is built (one more read of the data set)
+    check_run_size(cfg, train_samples=len(load_data(cfg)[0]), names=typed)
     if args.dry_run:
-        if args.resume is not None or args.out is not None:
-            raise ConfigError("--dry-run writes nothing; drop --out/--resume")
         print(plan(args.config, overrides))
         return 0
     try:

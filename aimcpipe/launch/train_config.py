@@ -8,7 +8,9 @@ same way. A full example with every key is ``configs/digits-analog.yaml``.
 
 from __future__ import annotations
 
+import os
 import re
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,7 @@ import yaml
 from aimcpipe.analog.config import AnalogConfig
 from aimcpipe.dataconf import from_dict, to_dict
 from aimcpipe.errors import ConfigError
+from aimcpipe.launch.flags import check_size
 from aimcpipe.runtime.lr import LRSchedule
 from aimcpipe.runtime.options import DeviceTime, RayOptions, RuntimeOptions
 from aimcpipe.scheduler import CostModel
@@ -30,9 +33,14 @@ __all__ = [
     "PipelineConfig",
     "TrainConfig",
     "apply_overrides",
+    "check_run_size",
     "load_config",
+    "num_stages",
     "parse_overrides",
 ]
+
+
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _at_least(path: str, value: Any, minimum: int) -> None:
@@ -113,6 +121,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if not self.lr > 0:
             raise ConfigError(f"lr: must be > 0, got {self.lr!r}")
+        if not self.lr <= FLOAT32_MAX:  # every product with it would overflow the weights
+            raise ConfigError(f"lr: must be at most {FLOAT32_MAX:.3g} (float32), got {self.lr!r}")
 
 
 @dataclass(frozen=True)
@@ -265,3 +275,123 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[tuple[list[str], A
                 raise ConfigError(f"--set: {where} is {child!r}, not a mapping of keys")
             node = child
         node[path[-1]] = value
+
+
+# ---- the size of a run, estimated before anything is built or trained --------------------
+#
+# Lower bounds, so that nothing that would finish is refused: a pipeline action costs at
+# least 10 µs of the runtime's own work (measured: 20-31 µs on a 2-core Xeon,
+# benchmarks/pipeline_overhead.py), a multiply-add at least 1e-13 s (a GPU's rate), and a
+# model at least 8 bytes per weight (its float32 weights and one working copy of that size).
+SECONDS_PER_ACTION = 1e-5
+MACS_PER_SECOND = 1e13
+BYTES_PER_WEIGHT = 8
+
+
+def num_stages(cfg: TrainConfig, stages: int | None = None) -> int:
+    """The stage count a run of ``cfg`` will have (``stages`` overrides the config's)."""
+    if stages is None:
+        stages = cfg.pipeline.stages
+    partition = cfg.pipeline.partition
+    if stages is None and isinstance(partition, list) and partition:
+        # block counts per stage, or the first blocks of stages 1..
+        return len(partition) + (isinstance(partition[0], str))
+    return stages or 1
+
+
+def _model_size(cfg: TrainConfig) -> tuple[int, int, int] | None:
+    """(weights, multiply-adds per sample at least, Linear/Conv2d layers) of the config's
+    model, counted on torch's meta device (nothing is allocated); None when the model cannot
+    be built there (a factory that needs real tensors)."""
+    import torch
+    from torch import nn
+
+    from aimcpipe.stages.zoo import build_model
+
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg.model.target, cfg.model.kwargs, seed=cfg.seed)
+    except ConfigError:
+        raise
+    except Exception:  # the real build reports it, with its own message
+        return None
+    weights = sum(t.numel() for t in model.parameters()) + sum(t.numel() for t in model.buffers())
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    macs = sum(m.weight.numel() for m in layers)  # each weight is used at least once a sample
+    return weights, macs, len(layers)
+
+
+def _cycles(cfg: TrainConfig, stages: int, layers: int) -> float:
+    """Cycles of the busiest stage per micro-batch, at least (F + B + U)."""
+    cost = cfg.cost
+    if cost.per == "layer":
+        total = sum(float(v) for v in (cost.forward, cost.backward, cost.update))  # type: ignore[arg-type]
+        return total * layers / stages
+    per_stage = [
+        v if isinstance(v, list) else [v] * stages
+        for v in (cost.forward, cost.backward, cost.update)
+    ]
+    return max(sum(float(v[s]) for v in per_stage) for s in range(min(map(len, per_stage))))
+
+
+def check_run_size(
+    cfg: TrainConfig,
+    *,
+    train_samples: int,
+    runs: Sequence[tuple[str, int]] | None = None,
+    names: Mapping[str, str] | None = None,
+) -> None:
+    """Refuse, before any work, a run (or a sweep of ``runs``, (policy, stages) pairs) that
+    would not fit in this machine's memory or would run for more than the limit of
+    :func:`aimcpipe.launch.flags.check_size`. ``names`` maps a config key to what the user
+    typed for it (``{"epochs": "--epochs"}``), so the message names that."""
+    names = dict(names or {})
+    threads = cfg.runtime.threads
+    most = max(64, 4 * (os.cpu_count() or 1))
+    if threads > most:
+        raise ConfigError(
+            f"runtime.threads: {threads} threads per stage is more than {most} (4 per core "
+            f"of this machine's {os.cpu_count()}, and at least 64)"
+        )
+    if cfg.runtime.timeout_s > threading.TIMEOUT_MAX:
+        raise ConfigError(
+            f"runtime.timeout_s: {cfg.runtime.timeout_s:g} s is more than the longest wait "
+            f"this system allows ({threading.TIMEOUT_MAX:.3g} s)"
+        )
+    size = _model_size(cfg)
+    if size is None:
+        return
+    weights, macs, layers = size
+    kwargs = "model.kwargs" if cfg.model.kwargs else "model"
+    check_size(
+        names.get(kwargs, kwargs),
+        f"{cfg.model.target} with {weights:,} weights",
+        BYTES_PER_WEIGHT * weights,
+        0,
+    )
+    if runs is None:
+        runs = [(cfg.pipeline.policy, num_stages(cfg))]
+    p = cfg.pipeline
+    per_minibatch = p.microbatches * p.microbatch_size
+    minibatches = train_samples // per_minibatch
+    if minibatches == 0:
+        return  # the data set cannot fill one mini-batch: the config's own check says so
+    cycle_s = cfg.device_time.cycle_s
+    emulated = host = 0.0
+    for _, stages in runs:
+        actions = stages * minibatches * (2 * p.microbatches + 1)  # F, B per micro-batch, a U
+        host += (
+            actions * SECONDS_PER_ACTION + 3 * macs * minibatches * per_minibatch / MACS_PER_SECOND
+        )
+        if cycle_s is not None:
+            cycles = _cycles(cfg, stages, layers) * p.microbatches * minibatches
+            emulated += (cycles + (stages - 1) * float(cfg.cost.latency)) * cycle_s
+    epochs = names.get("epochs", "epochs")
+    what = f"{cfg.epochs:,} epochs of {minibatches:,} mini-batch{'es' if minibatches > 1 else ''}"
+    if len(runs) > 1:
+        what += f" in each of {len(runs)} runs"
+    flags = epochs
+    if emulated > host:
+        flags = f"{names.get('device_time.cycle_s', 'device_time.cycle_s')}/{epochs}"
+        what += f" at {cycle_s:g} s per cycle"
+    check_size(flags, what, 0, cfg.epochs * max(emulated, host))

@@ -94,9 +94,10 @@ def test_torchrun_on_two_nodes_trains_the_local_weights(tmp_path, local_weights)
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--stages", "4"], "pipeline.stages: torchrun started 2 processes (WORLD_SIZE=2) but "
-         "the model is cut into 4 stage(s)"),
-        (["--backend", "local"], "pipeline.backend: running under torchrun (WORLD_SIZE=2) "
+        (["--stages", "4"], "--stages: torchrun started 2 processes (WORLD_SIZE=2) but "
+         "the model is cut into 4 stage(s); start torchrun with --nproc-per-node/--nnodes "
+         "making 4 processes in all, or --stages 2"),
+        (["--backend", "local"], "--backend: running under torchrun (WORLD_SIZE=2) "
          "needs the torch backend, not local; add --backend torch"),
     ],
 )  # fmt: skip
