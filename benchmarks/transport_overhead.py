@@ -4,9 +4,12 @@ Two processes (or two Ray actors) bounce a float32 tensor back and forth; the ti
 one-way message is the round trip / 2, median over repeats. Paths:
 
 * ``gloo``: bare ``ProcessGroupGloo.send/recv`` of the tensor (the floor);
-* ``channels``: aimcpipe's transport (:class:`aimcpipe.runtime.channels.Channels`: header +
-  tensor, sender thread, receiver thread, mailbox) — what the torch backend uses;
-* ``ray channels``: the same channels between two Ray actors — what the Ray backend uses;
+* ``channels unix``: aimcpipe's transport (:class:`aimcpipe.runtime.channels.Channels`:
+  header + tensor, mailbox) over its unix-domain socket between processes of one machine —
+  what the torch and Ray backends use there (``runtime.unix_sockets``, the default);
+* ``channels gloo``: the same channels over gloo process groups (``unix_sockets: false``,
+  and what stages on different machines use);
+* ``ray channels``: the channels between two Ray actors (unix sockets: one machine);
 * ``ray call``: an actor-to-actor call carrying the tensor (``ray.get(peer.echo.remote(x))``),
   the data path the Ray backend did not take.
 
@@ -88,16 +91,24 @@ def torch_side(rank: int, port: int, repeats: int, store: dist.Store | None = No
     """Both processes run this in the same order; rank 0's times are returned."""
     store = store or connect_store("127.0.0.1", port, TIMEOUT)
     pg = _bare(rank, store)
-    ch = Channels(store, rank, 2, prefix="bench", timeout_s=TIMEOUT)
-    out: dict[str, dict[int, list[float]]] = {"gloo": {}, "channels": {}}
+    chans = {
+        f"channels {wire}": Channels(
+            store, rank, 2, prefix=f"bench-{wire}", timeout_s=TIMEOUT, unix_sockets=wire == "unix"
+        )
+        for wire in ("unix", "gloo")
+    }
+    out: dict[str, dict[int, list[float]]] = {"gloo": {}, **{name: {} for name in chans}}
     for size in SIZES:
         n = _messages(size)
         ping_gloo(rank, pg, size, 5)  # warm-up
-        ping_channels(rank, ch, size, 5)
+        for ch in chans.values():
+            ping_channels(rank, ch, size, 5)
         for _ in range(repeats):
             out["gloo"].setdefault(size, []).append(ping_gloo(rank, pg, size, n))
-            out["channels"].setdefault(size, []).append(ping_channels(rank, ch, size, n))
-    ch.close()
+            for name, ch in chans.items():
+                out[name].setdefault(size, []).append(ping_channels(rank, ch, size, n))
+    for ch in chans.values():
+        ch.close()
     return out
 
 

@@ -85,11 +85,13 @@ QUIET_CORES = 0.1  # a run is quiet when other processes used less CPU than this
 LOCAL = "ours sync-1f1b, local backend (1 process)"
 TWO = "one process ×2 at once"  # two independent T1 loops, one per core: the machine's ceiling
 THEIRS = {"torch Schedule1F1B": "Schedule1F1B", "torch ScheduleGPipe": "ScheduleGPipe"}
+GLOO = "(gloo)"  # our case with unix_sockets off
 PAIRS = (  # (ours, theirs) compared
     ("ours sync-1f1b", "torch Schedule1F1B"),
     ("ours sync-1f1b", "torch ScheduleGPipe"),
     ("ours gpipe", "torch ScheduleGPipe"),
     ("ours async", "torch Schedule1F1B"),
+    (f"ours sync-1f1b {GLOO}", "torch Schedule1F1B"),
 )
 
 
@@ -398,14 +400,21 @@ class Theirs:
 
 class Ours:
     def __init__(
-        self, policy: str, train: Dataset, lr: float, timeout_s: float, backend: str = "torch"
+        self,
+        policy: str,
+        train: Dataset,
+        lr: float,
+        timeout_s: float,
+        backend: str = "torch",
+        unix_sockets: bool = True,
     ) -> None:
         self.train = train
         self.k = len(train) // (BM * MB)
         self.pipe = Pipeline(
             build_mlp(), stages=2, partition=[SPLIT, len(SIZES) - 1 - SPLIT], policy=policy,
             microbatches=BM, microbatch_size=MB, lr=lr, backend=backend,
-            runtime=RuntimeOptions(threads=1, timeout_s=timeout_s), progress=False,
+            runtime=RuntimeOptions(threads=1, timeout_s=timeout_s, unix_sockets=unix_sockets),
+            progress=False,
         )  # fmt: skip
 
     def epoch(self, epoch: int) -> dict[str, float]:
@@ -642,6 +651,11 @@ def main() -> None:
     parser.add_argument("--minibatches", type=int, default=32, help="mini-batches per epoch")
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--ours", default="sync-1f1b,async,gpipe", help="our policies")
+    parser.add_argument(
+        "--ours-gloo",
+        default="sync-1f1b",
+        help="our policies run once more with unix_sockets off (gloo channels)",
+    )
     parser.add_argument("--timeout-s", type=float, default=60.0, help="longest wait anywhere")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
@@ -673,6 +687,11 @@ def main() -> None:
             ours[policy] = Ours(policy, train, args.lr, args.timeout_s)
             stack.callback(ours[policy].close)
             cases[f"ours {policy}"] = ours[policy].epoch
+        for policy in filter(None, args.ours_gloo.split(",")):
+            name = f"{policy} {GLOO}"
+            ours[name] = Ours(policy, train, args.lr, args.timeout_s, unix_sockets=False)
+            stack.callback(ours[name].close)
+            cases[f"ours {name}"] = ours[name].epoch
         names = sorted(cases, key=lambda n: n != "one process" and n != TWO)  # stable
         meter = CpuMeter()
         for r in range(args.rounds + 1):  # round 0: warm-up (processes, first-call costs)

@@ -52,6 +52,7 @@ RESUMABLE_KEYS = {
     "pipeline.backend",
     "runtime.timeout_s",
     "runtime.dist_backend",
+    "runtime.unix_sockets",
     "device_time.cycle_s",
     "ray.address",
     "ray.num_cpus",

@@ -78,6 +78,7 @@ class HostSettings:
     timeout_s: float
     local_rank: int = 0
     fault: Fault | None = None
+    unix_sockets: bool = True  # neighbours on one machine talk over unix sockets (gloo only)
 
 
 def error_info(exc: BaseException, stage: int) -> dict[str, Any]:
@@ -123,7 +124,9 @@ class StageHost:
             host=address,
             device=self.device,
             timeout_s=settings.timeout_s,
+            unix_sockets=settings.unix_sockets,
         )
+        log.debug("stage %d: channels over %s", self.stage, self.channels.wire)
         self.worker: StageWorker | None = None
         self._beat_stop = threading.Event()
         self._beat_store = heartbeat

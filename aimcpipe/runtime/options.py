@@ -45,15 +45,20 @@ class RuntimeOptions:
     message or go without progress before the run stops naming it. ``dist_backend``: the
     torch.distributed backend of the activation/gradient channels (``auto``: nccl when every
     stage has a GPU of its own, else gloo). ``device``: where stages live (``auto``: stage s on
-    ``cuda:(local rank % GPUs)`` when CUDA is available, else the CPU).
+    ``cuda:(local rank % GPUs)`` when CUDA is available, else the CPU). ``unix_sockets``:
+    where the channels would use gloo and every stage runs on one machine, neighbours talk
+    over unix-domain sockets instead (several times less latency per message; off: gloo).
     """
 
     threads: int = 1
     timeout_s: float = 60.0
     dist_backend: Literal["auto", "gloo", "nccl"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    unix_sockets: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.unix_sockets, bool):
+            raise ConfigError(f"unix_sockets: must be true or false, got {self.unix_sockets!r}")
         _positive("threads", self.threads, integer=True)
         _positive("timeout_s", self.timeout_s)
         if self.dist_backend not in ("auto", "gloo", "nccl"):

@@ -129,6 +129,19 @@ def test_ray_backend_matches_local_for_every_policy(ray_pool, digits, stages):
         _check(got, _reference("det", stages, policy, 2, False), (policy, stages, 2, 3))
 
 
+def test_gloo_channels_train_the_weights_unix_sockets_do(digits):
+    """``runtime.unix_sockets: false``: stages on one machine talk over gloo process groups
+    instead (the pooled backends use the sockets); the weights are the same."""
+    from aimcpipe.runtime.backends import make_backend
+
+    backend = make_backend("torch", RuntimeOptions(timeout_s=60, unix_sockets=False))
+    try:
+        got = _train(_pipeline(STOCHASTIC, 2, "sync-1f1b", 3, backend), _data(digits, 3))
+    finally:
+        backend.close()
+    _check(got, _reference("sto", 2, "sync-1f1b", 3, False), ("sync-1f1b", 2, 3, 3))
+
+
 def test_weight_stashing_trains_identically_in_stage_processes(torch_pool, digits):
     data = _data(digits, 3)
     got = _train(_pipeline(STOCHASTIC, 4, "async", 3, torch_pool(4), weight_stashing=True), data)

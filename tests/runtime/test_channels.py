@@ -1,4 +1,5 @@
-"""Channels: point-to-point messages between stages over real gloo process groups.
+"""Channels: point-to-point messages between stages, over both wires they use on CPU —
+unix sockets (neighbours on one machine, the default) and real gloo process groups.
 
 The stages are threads of this process here (each with its own channels, as a process would
 have): the protocol, ordering, timeouts and errors are what is tested, quickly."""
@@ -42,19 +43,29 @@ def _in_threads(count: int, fn: Callable[[int], Any]) -> list[Any]:
     return out
 
 
-def _world(count: int, timeout_s: float = 10.0) -> list[Channels]:
+@pytest.fixture(params=["unix", "gloo"])
+def wire(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def _world(count: int, wire: str, timeout_s: float = 10.0) -> list[Channels]:
     store, port = host_store("127.0.0.1", timeout_s)
     stores = [store] + [connect_store("127.0.0.1", port, timeout_s) for _ in range(count - 1)]
-    return _in_threads(
-        count, lambda s: Channels(stores[s], s, count, prefix="t", timeout_s=timeout_s)
+    chans = _in_threads(
+        count,
+        lambda s: Channels(
+            stores[s], s, count, prefix="t", timeout_s=timeout_s, unix_sockets=wire == "unix"
+        ),
     )
+    assert {c.wire for c in chans} == {wire}  # one machine: unix unless turned off
+    return chans
 
 
-def test_neighbours_sending_to_each_other_at_once_get_everything_in_order():
+def test_neighbours_sending_to_each_other_at_once_get_everything_in_order(wire: str):
     """Every stage sends all its activations and gradients before receiving anything —
     the pattern that deadlocks blocking sends — with assorted dtypes, shapes and None."""
     count, n_msgs = 4, 30
-    chans = _world(count)
+    chans = _world(count, wire)
 
     def payload(kind: str, n: int) -> torch.Tensor | None:
         if n % 7 == 3:
@@ -87,6 +98,7 @@ def test_neighbours_sending_to_each_other_at_once_get_everything_in_order():
                     assert got.dtype == want.dtype and torch.equal(got, want), key
         c.end()
         assert not any(c._posted.values())  # every send taken, its buffers let go
+        assert not any(link.sending for link in c._links.values())
         return c.bytes_sent
 
     sent = _in_threads(count, stage)
@@ -101,8 +113,8 @@ def test_neighbours_sending_to_each_other_at_once_get_everything_in_order():
         c.close()
 
 
-def test_a_message_that_never_comes_times_out_naming_the_peer():
-    chans = _world(2, timeout_s=5.0)
+def test_a_message_that_never_comes_times_out_naming_the_peer(wire: str):
+    chans = _world(2, wire, timeout_s=5.0)
     chans[0].begin({1: 1})
     started = time.monotonic()
     with pytest.raises(
@@ -115,8 +127,8 @@ def test_a_message_that_never_comes_times_out_naming_the_peer():
         c.close()
 
 
-def test_messages_taken_out_of_order_wait_in_the_mailbox_and_unused_ones_fail_the_end():
-    chans = _world(2)
+def test_messages_taken_out_of_order_wait_in_the_mailbox_and_unused_ones_fail_the_end(wire: str):
+    chans = _world(2, wire)
     chans[1].begin({0: 3})
     chans[0].begin({})
     for n in range(3):
@@ -131,11 +143,11 @@ def test_messages_taken_out_of_order_wait_in_the_mailbox_and_unused_ones_fail_th
         c.close()
 
 
-def test_payloads_larger_than_the_posted_receive_travel_whole_in_both_directions():
+def test_payloads_larger_than_the_posted_receive_travel_whole_in_both_directions(wire: str):
     """A payload that does not fit the posted receive goes on its own and both ends grow
     the buffer alike (the next one of that size is packed); beyond 1 MiB, always apart."""
-    chans = _world(2)
-    sizes = [70_000, 70_000, 3, 200_000, 200_000, 600_000, 10]  # float32 elements
+    chans = _world(2, wire)
+    sizes = [70_000, 70_000, 3, 200_000, 200_000, 600_000, 10, 3_000_000]  # float32 elements
     sent = [torch.arange(float(n)) * (i + 1) for i, n in enumerate(sizes)]
 
     def stage(s: int) -> None:
@@ -150,7 +162,8 @@ def test_payloads_larger_than_the_posted_receive_travel_whole_in_both_directions
         c.end()
 
     _in_threads(2, stage)
-    assert chans[1]._in[0].capacity == chans[0]._capacity[1] == HEADER_BYTES + 200_000 * 4
+    if wire == "gloo":
+        assert chans[1]._in[0].capacity == chans[0]._capacity[1] == HEADER_BYTES + 200_000 * 4
     for c in chans:
         c.close()
 
@@ -159,15 +172,17 @@ PEER = """
 import os, sys
 from aimcpipe.runtime.channels import Channels
 from aimcpipe.runtime.rendezvous import connect_store
-Channels(connect_store("127.0.0.1", int(sys.argv[1]), 30.0), 1, 2, prefix="t", timeout_s=30.0)
+store = connect_store("127.0.0.1", int(sys.argv[1]), 30.0)
+Channels(store, 1, 2, prefix="t", timeout_s=30.0, unix_sockets=sys.argv[2] == "unix")
 os._exit(0)  # dies at once, as a killed stage would: its sockets close
 """
 
 
-def test_a_neighbour_that_dies_is_reported_as_lost_at_once():
+def test_a_neighbour_that_dies_is_reported_as_lost_at_once(wire: str):
     store, port = host_store("127.0.0.1", 30.0)
-    peer = subprocess.Popen([sys.executable, "-c", PEER, str(port)])
-    chans = Channels(store, 0, 2, prefix="t", timeout_s=30.0)
+    peer = subprocess.Popen([sys.executable, "-c", PEER, str(port), wire])
+    chans = Channels(store, 0, 2, prefix="t", timeout_s=30.0, unix_sockets=wire == "unix")
+    assert chans.wire == wire
     started = time.monotonic()
     with pytest.raises(PeerLost, match="lost stage 1 while it had to send its") as info:
         chans.begin({1: 1})  # posting the receive may already find the pair broken
@@ -189,10 +204,10 @@ def test_objects_travel_through_the_store_in_chunks():
         take_obj(store, "missing", 0.2)
 
 
-def test_a_message_sent_early_is_held_by_the_receiver_until_it_is_due():
+def test_a_message_sent_early_is_held_by_the_receiver_until_it_is_due(wire: str):
     """Emulated device time: neighbours on one machine read the same clock, so a message may
     leave as soon as it is computed and be held at the receiver until its due time."""
-    chans = _world(2)
+    chans = _world(2, wire)
     assert chans[0].can_hold(1) and chans[1].can_hold(0)
     hold = 0.05
 
@@ -214,5 +229,26 @@ def test_a_message_sent_early_is_held_by_the_receiver_until_it_is_due():
     chans[0].begin({})
     chans[0].latency_s = 0.01
     assert not chans[0].can_hold(1)  # emulated latency: the sender holds messages itself
+    for c in chans:
+        c.close()
+
+
+def test_messages_held_in_flight_by_emulated_latency_arrive_whole_and_in_order(wire: str):
+    """With emulated latency a thread of the sender posts each message when its time in
+    flight is over, beside the stage's own sends; large payloads need several writes."""
+    chans = _world(2, wire)
+    sent = [torch.arange(float(n)) for n in (5, 2_000_000, 7, 1_500_000)]
+
+    def stage(s: int) -> None:
+        c = chans[s]
+        c.begin({1 - s: len(sent)}, latency_s=0.01)
+        for i, t in enumerate(sent):
+            c.send((("activation", "gradient")[s], i, s, 1 - s), t * (s + 1))
+        for i, t in enumerate(sent):
+            got = c.recv((("activation", "gradient")[1 - s], i, 1 - s, s), 10.0)
+            assert torch.equal(got, t * (2 - s)), i
+        c.end()
+
+    _in_threads(2, stage)
     for c in chans:
         c.close()

@@ -196,6 +196,7 @@ class RemoteBackend(Backend):
                 timeout_s=options.timeout_s,
                 local_rank=info.get("local_rank", 0),
                 fault=fault,
+                unix_sockets=options.unix_sockets,
             )
             for s, info in enumerate(infos)
         ]
