@@ -31,9 +31,13 @@ OUTPUT_FILES = frozenset(
 )  # fmt: skip
 
 
-def check_out_dir(out: str | Path | None, *, force: bool, hint: str = "") -> Path | None:
+def check_out_dir(
+    out: str | Path | None, *, force: bool, resumable_by: str | None = None
+) -> Path | None:
     """Validate ``--out`` before any work: it may be new or empty, or — with ``--force`` — an
-    earlier aimcpipe output directory, which will be replaced."""
+    earlier aimcpipe output directory, which will be replaced. ``resumable_by``: the file
+    whose presence makes the directory one ``--resume`` can continue (the error then says
+    so)."""
     if out is None:
         return None
     if not str(out).strip():
@@ -43,6 +47,9 @@ def check_out_dir(out: str | Path | None, *, force: bool, hint: str = "") -> Pat
         raise ConfigError(f"--out: {out} exists and is not a directory")
     if path.is_dir() and any(path.iterdir()):
         if not force:
+            hint = ""
+            if resumable_by is not None and (path / resumable_by).is_file():
+                hint = ", or --resume it"
             raise ConfigError(
                 f"--out: {out} is not empty; choose a new directory or add --force{hint}"
             )

@@ -22,6 +22,7 @@ from aimcpipe.launch.outdir import check_out_dir, check_writable
 from aimcpipe.launch.speedup import (
     BASELINE,
     RESULTS_FILE,
+    SWEEP_FILE,
     load_sweep,
     plan_sweep,
     run_sweep,
@@ -170,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
         out = args.out if args.out is not None else DEFAULT_OUT
         flag = "--out" if args.out is not None else f"--out (default {DEFAULT_OUT})"
         try:
-            check_out_dir(out, force=args.force, hint=", or --resume it")
+            check_out_dir(out, force=args.force, resumable_by=SWEEP_FILE)
         except ConfigError as exc:
             raise ConfigError(str(exc).replace("--out", flag, 1)) from None
         # the first run's work and memory, estimated before the model is built

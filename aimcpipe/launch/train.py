@@ -32,7 +32,7 @@ from aimcpipe.launch.train_config import (
 )
 from aimcpipe.runtime.backends import Backend
 from aimcpipe.runtime.backends.torch_dist import World
-from aimcpipe.runtime.checkpoint import CHECKPOINT_NAME
+from aimcpipe.runtime.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from aimcpipe.runtime.datasets import Dataset, load_dataset
 from aimcpipe.runtime.metrics import RunMetrics
 from aimcpipe.runtime.pipeline import Pipeline
@@ -58,6 +58,35 @@ RESUMABLE_KEYS = {
     "ray.num_cpus",
     "ray.num_gpus",
 }
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, tuple | list):
+        return {prefix: [_flat(v).get("", v) if isinstance(v, dict) else v for v in data]}
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def check_unchanged(saved: Any, now: dict[str, Any], run_dir: Path) -> None:
+    """Refuse to resume when a setting that changes the numbers differs from the one the
+    checkpoint was written with (``config.yaml`` edited, or a checkpoint from another run)."""
+    if not isinstance(saved, dict):
+        return  # written through the Python API without settings: nothing to compare
+    old, new = _flat(saved), _flat(now)
+    for key in sorted({*old, *new}):
+        if key in RESUMABLE_KEYS or any(key.startswith(k + ".") for k in RESUMABLE_KEYS):
+            continue
+        if old.get(key, "(unset)") != new.get(key, "(unset)"):
+            raise ConfigError(
+                f"--resume: {key} is {new.get(key, '(unset)')!r} in {run_dir / 'config.yaml'} "
+                f"but {old.get(key, '(unset)')!r} in the run {run_dir / CHECKPOINT_NAME} was "
+                f"written by; a resumed run keeps every setting but "
+                f"{', '.join(sorted(RESUMABLE_KEYS))}"
+            )
 
 
 def resolve_config(
@@ -266,10 +295,14 @@ def train(
             raise ConfigError(f"--resume: {run_dir} has no {CHECKPOINT_NAME} to continue from")
         check_writable(run_dir, "--resume")
     else:
-        run_dir = check_out_dir(out, force=force, hint=", or --resume it")
-    pipe, train_data, test_data = build_job(cfg, out=None, progress=progress)
+        run_dir = check_out_dir(out, force=force, resumable_by=CHECKPOINT_NAME)
+    state = None
     if resume is not None:
-        pipe.load_checkpoint(run_dir)
+        state = load_checkpoint(run_dir)
+        check_unchanged(state.get("settings"), cfg.to_dict(), run_dir)
+    pipe, train_data, test_data = build_job(cfg, out=None, progress=progress)
+    if state is not None:
+        pipe.load_checkpoint(state)
         if pipe.epoch >= cfg.epochs:
             log.info("%s already trained %d of %d epochs", run_dir, pipe.epoch, cfg.epochs)
     elif run_dir is not None and run_dir.exists():

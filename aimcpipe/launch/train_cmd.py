@@ -176,7 +176,7 @@ def _train(
     if args.resume is not None:
         check_writable(args.resume, "--resume")
     elif not args.dry_run:
-        check_out_dir(args.out, force=args.force, hint=", or --resume it")
+        check_out_dir(args.out, force=args.force, resumable_by=CHECKPOINT_NAME)
     # work and memory, estimated before anything is built (one more read of the data set)
     check_run_size(cfg, train_samples=len(load_data(cfg)[0]), names=typed)
     if args.dry_run:

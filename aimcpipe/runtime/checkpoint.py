@@ -54,8 +54,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for damaged files
-        raise ConfigError(f"--resume: {path} is not a readable checkpoint ({exc})") from None
+    except Exception as exc:  # torch raises many types (and pages of text) for damaged files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Unpickl" in first:
+            first = "it holds objects other than tensors and plain data"
+        raise ConfigError(
+            f"--resume: {path} is not a readable aimcpipe checkpoint ({first[:120]})"
+        ) from None
     if not isinstance(state, dict) or "stages" not in state or "epoch" not in state:
         raise ConfigError(f"--resume: {path} is not an aimcpipe checkpoint")
     return state

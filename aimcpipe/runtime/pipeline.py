@@ -565,16 +565,19 @@ class Pipeline:
             "settings": self.settings,
         }
 
-    def load_checkpoint(self, path: str | Path) -> None:
+    def load_checkpoint(self, path: str | Path | dict[str, Any]) -> None:
         """Continue from a checkpoint written by a run with the same settings (on any
-        backend: a checkpoint is one file in one format)."""
-        state = load_checkpoint(path)
+        backend: a checkpoint is one file in one format); ``path`` may also be a checkpoint
+        already read with :func:`aimcpipe.runtime.checkpoint.load_checkpoint`. A checkpoint
+        of another model or partition is refused before anything changes."""
+        state = path if isinstance(path, dict) else load_checkpoint(path)
         if list(state["bounds"]) != list(self.partition.bounds):
             raise ConfigError(
                 f"--resume: the checkpoint's partition {state['bounds']} differs from this "
                 f"run's {list(self.partition.bounds)}"
             )
         stages = list(state["stages"])
+        self._check_fits(stages)
         if self._started:
             self.backend.load_state_dicts(stages)
         else:
@@ -584,6 +587,39 @@ class Pipeline:
         metrics.cycle_s = self.cycle_s
         self.metrics = metrics
         self.epoch = int(state["epoch"])
+
+    def _check_fits(self, stages: list[Any]) -> None:
+        """Every stage state of a checkpoint holds this model's blocks, tensors of its shapes."""
+        if len(stages) != self.num_stages:
+            raise ConfigError(
+                f"--resume: the checkpoint holds {len(stages)} stages, this run has "
+                f"{self.num_stages}"
+            )
+        for s, st in enumerate(stages):
+            blocks = st.get("blocks") if isinstance(st, dict) else None
+            mine = dict(self._stage_blocks(s))
+            if not isinstance(blocks, dict) or list(blocks) != list(mine):
+                got = list(blocks) if isinstance(blocks, dict) else None
+                raise ConfigError(
+                    f"--resume: the checkpoint's stage {s} holds blocks {got}, this model's "
+                    f"stage {s} holds {list(mine)}: it was written for another model"
+                )
+            for name, module in mine.items():
+                want = {
+                    k: tuple(v.shape) if isinstance(v, torch.Tensor) else None
+                    for k, v in module.state_dict().items()
+                }
+                have = {
+                    k: tuple(v.shape) if isinstance(v, torch.Tensor) else None
+                    for k, v in blocks[name].items()
+                }
+                if want != have:
+                    key = next(k for k in {*want, *have} if want.get(k) != have.get(k))
+                    raise ConfigError(
+                        f"--resume: the checkpoint's {name}.{key} has shape "
+                        f"{have.get(key, 'none')}, this model's {want.get(key, 'none')}: it "
+                        "was written for another model"
+                    )
 
     # -- run directory -----------------------------------------------------------------------
     def _check_out(self) -> None:

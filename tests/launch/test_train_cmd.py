@@ -367,6 +367,87 @@ def test_resume_needs_a_checkpoint(finished_run, tmp_path, capsys, kind):
         assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
 
 
+def _copy_run(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("edit", "words"),
+    [
+        (lambda c: c["analog"]["device"].update(tau=2.0), ["analog.device.tau", "2.0", "1.0"]),
+        (lambda c: c["model"]["kwargs"].update(hidden=[64, 48, 16]), ["model.kwargs.hidden"]),
+        (lambda c: c.update(seed=5), ["seed", "5"]),
+    ],
+)
+def test_resume_refuses_an_edited_config_yaml(finished_run, tmp_path, capsys, edit, words):
+    """config.yaml edited by hand after the run: a setting that changes the numbers differs
+    from the one the checkpoint was written with."""
+    run = _copy_run(finished_run, tmp_path / "run")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    edit(cfg)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    rc = cli(["train", "--resume", str(run), "--no-progress", "--set", "epochs=2"])
+    assert_one_line_error(rc, capsys.readouterr().err, ["--resume", *words])
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(finished_run, tmp_path, capsys):
+    other = tmp_path / "other"
+    rc, _, err = run_cli(train_argv("--epochs", "1", "--set", "seed=7", "--out", str(other)))
+    assert rc == 0, err
+    run = _copy_run(finished_run, tmp_path / "run")
+    (run / "checkpoint.pt").write_bytes((other / "checkpoint.pt").read_bytes())
+    rc = cli(["train", "--resume", str(run), "--no-progress", "--set", "epochs=2"])
+    assert_one_line_error(rc, capsys.readouterr().err, ["--resume", "seed"])
+
+
+def test_a_checkpoint_of_another_model_is_refused_by_the_api(finished_run):
+    """Pipeline.load_checkpoint checks the blocks and their shapes before anything changes."""
+    from aimcpipe.errors import ConfigError
+    from aimcpipe.runtime import Pipeline
+
+    stages = yaml.safe_load((finished_run / "config.yaml").read_text())["pipeline"]["stages"]
+    model = build_model("digits-fcn", {"hidden": [64, 48, 16], "activation": "tanh"})
+    pipe = Pipeline(model, stages=stages, progress=False)
+    with pytest.raises(ConfigError, match="another model"):
+        pipe.load_checkpoint(finished_run)
+    assert pipe.epoch == 0
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "pickle"])
+def test_a_damaged_checkpoint_is_one_line(finished_run, tmp_path, capsys, damage):
+    run = _copy_run(finished_run, tmp_path / "run")
+    ckpt = run / "checkpoint.pt"
+    if damage == "garbage":
+        ckpt.write_bytes(b"not a checkpoint at all")
+    elif damage == "truncated":
+        ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    else:
+        torch.save({"stages": [object()], "epoch": 1}, ckpt)  # needs arbitrary unpickling
+    rc = cli(["train", "--resume", str(run), "--no-progress", "--set", "epochs=2"])
+    err = capsys.readouterr().err
+    assert_one_line_error(rc, err, ["--resume", "checkpoint.pt", "not a readable"])
+    assert "weights_only" not in err and "arbitrary code" not in err
+
+
+def test_the_not_empty_error_suggests_resume_only_where_there_is_a_checkpoint(
+    finished_run, tmp_path, capsys
+):
+    rc = cli(train_argv("--out", str(finished_run)))
+    assert_one_line_error(rc, capsys.readouterr().err, ["--force", "--resume"])
+    stopped = tmp_path / "stopped"  # stopped before its first checkpoint
+    stopped.mkdir()
+    (stopped / "config.yaml").write_text((finished_run / "config.yaml").read_text())
+    rc = cli(train_argv("--out", str(stopped)))
+    err = capsys.readouterr().err
+    assert_one_line_error(rc, err, ["--force"])
+    assert "--resume" not in err
+
+
 # --- resume -----------------------------------------------------------------------------------
 
 
