@@ -13,6 +13,11 @@ that it exists and accumulates gradients exactly as ``Tensor.backward`` does, an
 calls of that simple case (plain tensors, not subclasses, whose ``__torch_function__`` may
 change what backward does); anything else, or a torch where the probe fails, takes the public
 path. Both give the same gradients bit for bit.
+
+The probe also pays, once, what PyTorch's own first ``backward(grad)`` costs in a process:
+it imports ``torch.fx``'s symbolic-shape machinery then (measured: about 250 ms, every stage
+of a pipeline in turn). :func:`prepare` runs it when a stage is built, not in its first
+timed backward.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["run_backward"]
+__all__ = ["prepare", "run_backward"]
 
 _Engine = Callable[..., object]
 _engine: _Engine | None = None
@@ -50,14 +55,19 @@ def _probe() -> _Engine | None:
     return engine if ok else None
 
 
-def run_backward(output: torch.Tensor, grad: torch.Tensor | None) -> None:
-    """``output.backward(grad)``, accumulating into ``.grad`` of the leaves as it does."""
+def prepare() -> None:
+    """Probe the engine call once per process (idempotent, thread-safe)."""
     global _engine, _probed
     if not _probed:
         with _lock:
             if not _probed:
                 _engine = _probe()
                 _probed = True
+
+
+def run_backward(output: torch.Tensor, grad: torch.Tensor | None) -> None:
+    """``output.backward(grad)``, accumulating into ``.grad`` of the leaves as it does."""
+    prepare()
     engine = _engine
     if engine is None or not output.requires_grad or type(output) is not torch.Tensor:
         # (a tensor subclass may change what backward does: the public path honours it)

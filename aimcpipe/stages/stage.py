@@ -44,7 +44,7 @@ from aimcpipe.analog.layers import AnalogLayer
 from aimcpipe.analog.tile import AnalogTile
 from aimcpipe.errors import ScheduleError
 from aimcpipe.seeding import derive_seed
-from aimcpipe.stages.backprop import run_backward
+from aimcpipe.stages.backprop import prepare, run_backward
 from aimcpipe.stages.randomness import draws_global_random, loss_draws_global_random
 
 __all__ = ["LossFn", "LossStats", "Stage", "StageCounters", "summarize"]
@@ -182,6 +182,7 @@ class Stage:
         self._stash_nbytes: dict[tuple[Any, ...], int] = {}  # input signature -> bytes
         self._held_bytes = 0  # activation stashes + pending updates
         self._snapshot_bytes = 0
+        prepare()  # PyTorch's one-off cost of a first backward, here rather than in action B0
 
     def recheck_randomness(self) -> None:
         """Decide whether actions swap in the stage's own random state: only if a module, a

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import ClassVar
 
 import pytest
@@ -80,3 +82,22 @@ def test_tensor_subclasses_take_the_public_path():
     run_backward(out, None)
     assert "backward" in Tagged.calls  # Tensor.backward ran, through the subclass
     assert torch.equal(w.grad, torch.full((3,), 2.0))
+
+
+def test_building_a_stage_pays_the_first_backward_cost_up_front():
+    # PyTorch's first backward(grad) in a process imports torch.fx's symbolic shapes
+    # (~250 ms): a stage must pay it when built, not inside its first timed action
+    code = (
+        "import sys, torch\n"
+        "from aimcpipe.stages import backprop\n"
+        "from aimcpipe.stages.stage import Stage\n"
+        "assert not backprop._probed\n"
+        "Stage(0, 2, [('fc', torch.nn.Linear(4, 4))], lr=0.1)\n"
+        "assert backprop._probed\n"
+        "print('symbolic' if 'torch.fx.experimental.symbolic_shapes' in sys.modules else 'no')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "symbolic"
