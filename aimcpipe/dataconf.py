@@ -7,6 +7,7 @@ YAML file is reported where it is, not as a traceback from deep inside.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from collections.abc import Mapping
@@ -14,7 +15,7 @@ from typing import Any, TypeVar
 
 from aimcpipe.errors import ConfigError
 
-__all__ = ["from_dict", "to_dict"]
+__all__ = ["check_fields", "from_dict", "to_dict"]
 
 T = TypeVar("T")
 
@@ -28,7 +29,11 @@ def _describe(tp: Any) -> str:
     if tp is type(None):
         return "null"
     if dataclasses.is_dataclass(tp):
-        return "a mapping"
+        article = "an" if tp.__name__[0] in "AEIOU" else "a"
+        return f"a mapping or {article} {tp.__name__}"
+    named = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if tp in named:
+        return named[tp]
     return getattr(tp, "__name__", str(tp))
 
 
@@ -54,12 +59,12 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
                 return _coerce(arg, value, path)
             except ConfigError:
                 continue
-        raise ConfigError(f"{path}: {value!r} is not {_describe(tp)}")
+        raise ConfigError(f"{path}: expected {_describe(tp)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{path}: expected {_describe(tp)}, got {value!r}")
         return from_dict(tp, value, path)
     if origin in (tuple, list):
         if not isinstance(value, list | tuple):
@@ -91,13 +96,31 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     return value
 
 
+@functools.cache
+def _hints(cls: type) -> tuple[tuple[str, Any], ...]:
+    hints = typing.get_type_hints(cls)
+    return tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls) if f.init)
+
+
+def check_fields(obj: Any) -> None:
+    """Check (and normalise: ints to floats, lists to tuples, mappings to nested configs)
+    every field of the config dataclass ``obj`` against its annotation, as :func:`from_dict`
+    does for plain data, so that a config built in Python gets the same one-line errors
+    (``tau: expected a number, got '1'``). Called first in ``__post_init__``."""
+    for name, tp in _hints(type(obj)):
+        value = getattr(obj, name)
+        checked = _coerce(tp, value, name)
+        if checked is not value:
+            object.__setattr__(obj, name, checked)
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError.
 
     ``__post_init__`` validation errors are re-raised with the key path prefixed.
     """
     prefix = f"{path}." if path else ""
-    hints = typing.get_type_hints(cls)
+    hints = dict(_hints(cls))
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
     if unknown:

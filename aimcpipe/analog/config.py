@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from aimcpipe.dataconf import from_dict, to_dict
+from aimcpipe.dataconf import check_fields, from_dict, to_dict
 from aimcpipe.errors import ConfigError
 
 __all__ = [
@@ -86,6 +86,7 @@ class DeviceConfig:
             raise ConfigError(
                 f"kind: unknown device {self.kind!r}; use one of {', '.join(DEVICE_KINDS)}"
             )
+        check_fields(self)
         if self.tau is not None:
             _positive("tau", self.tau)
             if (self.w_max, self.w_min) not in ((1.0, -1.0), (self.tau, -self.tau)):
@@ -145,6 +146,7 @@ class IOConfig:
                 f"noise_management: {self.noise_management!r} is not allowed; "
                 "use 'none' or 'abs-max'"
             )
+        check_fields(self)
         for name in ("inp_bound", "inp_res", "out_noise", "out_bound", "out_res"):
             _nonneg(name, getattr(self, name))
         if self.out_res > 0 and self.out_bound == 0:
@@ -206,6 +208,7 @@ class UpdateConfig:
             raise ConfigError(
                 f"granularity: {self.granularity!r} is not allowed; use 'sample' or 'batch'"
             )
+        check_fields(self)
         if isinstance(self.desired_bl, bool) or not isinstance(self.desired_bl, int):
             raise ConfigError(f"desired_bl: expected an integer, got {self.desired_bl!r}")
         if self.desired_bl < 1:
@@ -231,6 +234,7 @@ class TikiTakaConfig:
     gamma: float = 0.0
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if (
             not isinstance(self.transfer_every, int)
             or isinstance(self.transfer_every, bool)
@@ -268,6 +272,13 @@ class AnalogConfig:
     def __post_init__(self) -> None:
         if self.rule not in RULES:
             raise ConfigError(f"rule: unknown {self.rule!r}; use one of {', '.join(RULES)}")
+        for key in ("forward", "backward"):  # a preset name, as in a config file
+            if isinstance(getattr(self, key), str):
+                try:
+                    object.__setattr__(self, key, io_preset(getattr(self, key)))
+                except ConfigError as exc:
+                    raise ConfigError(f"{key}: {exc}") from None
+        check_fields(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], path: str = "analog") -> AnalogConfig:

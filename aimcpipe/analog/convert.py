@@ -68,7 +68,15 @@ def convert(
     ``exclude``) by an analog layer programmed with the same weights (clipped to the device
     bounds). Each layer's seed is derived from ``seed`` and its qualified name, so a layer's
     random streams do not depend on how the model is later split into stages."""
-    config = config or AnalogConfig()
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    config = AnalogConfig() if config is None else config
+    if not isinstance(config, AnalogConfig):
+        raise ConfigError(f"config: expected an AnalogConfig or None, got {config!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed: must be an integer >= 0, got {seed!r}")
+    if isinstance(exclude, str):
+        raise ConfigError(f"exclude: expected a list of layer names, got the string {exclude!r}")
     excluded = set(exclude)
     known = {name for name, _ in model.named_modules()}
     missing = sorted(excluded - known)

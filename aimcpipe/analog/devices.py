@@ -221,7 +221,8 @@ def pulse_counts(
     b, device = x.shape[0], x.device
     x_max = x.abs().amax(dim=1)
     d_max = d.abs().amax(dim=1)
-    k = (x_max * d_max).mul_(lr / dw_min)
+    # lr/dw_min beyond float32 is inf; a zero row times it asks for no pulses, not NaN.
+    k = (x_max * d_max).mul_(lr / dw_min).nan_to_num_(nan=0.0)
     bl = k.ceil().clamp_(min=1, max=desired_bl)
     p_max = (k / bl).sqrt_().clamp_(max=1.0).mul_(_PROB_SCALE)
     # Integer thresholds: a bit fires where u < t, u uniform in [0, 2¹⁵), so P = t/2¹⁵ with t

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from aimcpipe.launch.lsq import (
     run_lsq,
 )
 from aimcpipe.launch.outdir import check_out_dir, staged_dir
+from aimcpipe.launch.train_config import FLOAT32_MAX
 
 __all__ = ["add_arguments", "run"]
 
@@ -45,9 +45,20 @@ def _float_list(flag: str, text: str) -> list[float]:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise ConfigError(f"{flag}: {text!r} is not a comma-separated list of numbers") from None
-    if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
-        raise ConfigError(f"{flag}: every value must be a positive number, got {text!r}")
+    if not values or any(not (0 < v <= FLOAT32_MAX) for v in values):
+        raise ConfigError(
+            f"{flag}: every value must be a number > 0 and at most {FLOAT32_MAX:.3g} "
+            f"(float32), got {text!r}"
+        )
     return values
+
+
+def _positive(flag: str, value: float) -> None:
+    """A positive float flag: finite and within float32, where the runs compute."""
+    if not 0 < value <= FLOAT32_MAX:
+        raise ConfigError(
+            f"{flag}: must be a number > 0 and at most {FLOAT32_MAX:.3g} (float32), got {value}"
+        )
 
 
 def _choice_list(flag: str, text: str, allowed: tuple[str, ...]) -> list[str]:
@@ -100,12 +111,15 @@ def _plan(args: argparse.Namespace) -> list[dict[str, Any]]:
     lrs = _float_list("--lrs", args.lrs)
     if args.tau_iterations < 1:
         raise ConfigError(f"--tau-iterations: must be >= 1, got {args.tau_iterations}")
-    if not args.lr_budget > 0:
-        raise ConfigError(f"--lr-budget: must be > 0, got {args.lr_budget}")
-    if not args.tau_lr > 0:
-        raise ConfigError(f"--tau-lr: must be > 0, got {args.tau_lr}")
-    if not args.tt_transfer_ratio > 0:
-        raise ConfigError(f"--tt-transfer-ratio: must be > 0, got {args.tt_transfer_ratio}")
+    _positive("--lr-budget", args.lr_budget)
+    _positive("--tau-lr", args.tau_lr)
+    _positive("--tt-transfer-ratio", args.tt_transfer_ratio)
+    for lr in [*lrs, args.tau_lr]:
+        if not args.tt_transfer_ratio * lr <= FLOAT32_MAX:
+            raise ConfigError(
+                f"--tt-transfer-ratio: {args.tt_transfer_ratio} times the learning rate {lr} "
+                f"is beyond float32 ({FLOAT32_MAX:.3g})"
+            )
     if args.replicas < 1:
         raise ConfigError(f"--replicas: must be >= 1, got {args.replicas}")
     plan = []

@@ -13,9 +13,10 @@ as the run goes — ``config.yaml``, ``history.jsonl`` and ``checkpoint.pt`` eac
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,18 @@ def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
     for key, value in data.items():
         out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
     return out
+
+
+@contextlib.contextmanager
+def _as_resume_error() -> Iterator[None]:
+    """The API's ``checkpoint: ...`` errors, named for the flag the user typed."""
+    try:
+        yield
+    except ConfigError as exc:
+        msg = str(exc)
+        if msg.startswith("checkpoint: "):
+            raise ConfigError("--resume: " + msg.removeprefix("checkpoint: ")) from None
+        raise
 
 
 def check_unchanged(saved: Any, now: dict[str, Any], run_dir: Path) -> None:
@@ -298,11 +311,13 @@ def train(
         run_dir = check_out_dir(out, force=force, resumable_by=CHECKPOINT_NAME)
     state = None
     if resume is not None:
-        state = load_checkpoint(run_dir)
+        with _as_resume_error():
+            state = load_checkpoint(run_dir)
         check_unchanged(state.get("settings"), cfg.to_dict(), run_dir)
     pipe, train_data, test_data = build_job(cfg, out=None, progress=progress)
     if state is not None:
-        pipe.load_checkpoint(state)
+        with _as_resume_error():
+            pipe.load_checkpoint(state)
         if pipe.epoch >= cfg.epochs:
             log.info("%s already trained %d of %d epochs", run_dir, pipe.epoch, cfg.epochs)
     elif run_dir is not None and run_dir.exists():

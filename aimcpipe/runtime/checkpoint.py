@@ -44,13 +44,16 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` (tensors and plain data only)."""
+    """Read a checkpoint written by :func:`save_checkpoint` (tensors and plain data only).
+    ``path``: the file or the run directory holding it."""
+    if not isinstance(path, str | Path):
+        raise ConfigError(f"checkpoint: expected a file or run directory path, got {path!r}")
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_NAME
     if not path.is_file():
         raise ConfigError(
-            f"--resume: no checkpoint at {path} (runs save one with checkpoint_every)"
+            f"checkpoint: no checkpoint at {path} (runs save one with checkpoint_every)"
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -59,8 +62,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         if "weights_only" in str(exc) or "Unpickl" in first:
             first = "it holds objects other than tensors and plain data"
         raise ConfigError(
-            f"--resume: {path} is not a readable aimcpipe checkpoint ({first[:120]})"
+            f"checkpoint: {path} is not a readable aimcpipe checkpoint ({first[:120]})"
         ) from None
     if not isinstance(state, dict) or "stages" not in state or "epoch" not in state:
-        raise ConfigError(f"--resume: {path} is not an aimcpipe checkpoint")
+        raise ConfigError(f"checkpoint: {path} is not an aimcpipe checkpoint")
     return state

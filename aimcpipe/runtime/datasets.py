@@ -73,13 +73,29 @@ class Dataset:
     num_classes: int | None
 
     def __post_init__(self) -> None:
-        if self.x.shape[0] != self.y.shape[0]:
-            raise ValueError(
-                f"dataset {self.name!r}: {self.x.shape[0]} inputs but {self.y.shape[0]} targets"
+        where = f"dataset {self.name!r}"
+        for key in ("x", "y"):
+            value = getattr(self, key)
+            if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                raise ConfigError(
+                    f"{where}: {key} must be a torch.Tensor with one row per sample, "
+                    f"got {type(value).__name__}"
+                )
+        if self.task not in ("classification", "regression"):
+            raise ConfigError(
+                f"{where}: task must be 'classification' or 'regression', got {self.task!r}"
             )
+        if self.x.shape[0] != self.y.shape[0]:
+            raise ConfigError(f"{where}: {self.x.shape[0]} inputs but {self.y.shape[0]} targets")
         if (self.task == "classification") != (self.num_classes is not None):
-            raise ValueError(
-                f"dataset {self.name!r}: num_classes must be set for classification only"
+            raise ConfigError(f"{where}: num_classes must be set for classification only")
+        if self.num_classes is not None and (
+            isinstance(self.num_classes, bool)
+            or not isinstance(self.num_classes, int)
+            or self.num_classes < 1
+        ):
+            raise ConfigError(
+                f"{where}: num_classes must be an integer >= 1, got {self.num_classes!r}"
             )
 
     def __len__(self) -> int:

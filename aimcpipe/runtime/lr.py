@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from aimcpipe.dataconf import check_fields
 from aimcpipe.errors import ConfigError
 
 __all__ = ["LRSchedule"]
@@ -22,6 +23,7 @@ class LRSchedule:
     gamma: float = 0.1
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.kind == "step":
             if (self.step_epochs is None) == (not self.milestones):
                 raise ConfigError(

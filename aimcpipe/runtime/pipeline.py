@@ -84,6 +84,23 @@ def _check_type(name: str, value: Any, kind: type, what: str) -> None:
         raise ConfigError(f"{name}: must be {what}, got {value!r}")
 
 
+def _require_dataset(name: str, data: object, optional: bool = False) -> None:
+    """A clear error for anything but a Dataset given as ``name`` (None where optional)."""
+    if optional and data is None:
+        return
+    if not isinstance(data, Dataset):
+        allowed = "an aimcpipe Dataset" + (" or None" if optional else "")
+        raise ConfigError(
+            f"{name}: must be {allowed} (load_dataset returns them; "
+            f"Dataset(name, x, y, task, num_classes) wraps tensors), got {type(data).__name__}"
+        )
+
+
+def _require_epoch(epoch: object) -> None:
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise ConfigError(f"epoch: must be an integer >= 0, got {epoch!r}")
+
+
 class Pipeline:
     """A model cut into stages, trained under ``policy`` on a backend.
 
@@ -141,6 +158,19 @@ class Pipeline:
                 raise ConfigError(f"pipeline.{name}: must be an integer >= 1, got {value!r}")
         if not (isinstance(lr, int | float) and 0 < lr < math.inf):
             raise ConfigError(f"optim.lr: must be a number > 0, got {lr!r}")
+        for name, value, low in (
+            ("seed", seed, 0),
+            ("eval_batch_size", eval_batch_size, 1),
+            ("checkpoint_every", checkpoint_every, 0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name}: must be an integer >= {low}, got {value!r}")
+        for name, value in (("pipeline.weight_stashing", weight_stashing), ("progress", progress)):
+            _check_type(name, value, bool, "true or false")
+        if lr_schedule is not None:
+            _check_type("optim.lr_schedule", lr_schedule, LRSchedule, "an LRSchedule")
+        if out is not None:
+            _check_type("out", out, str | Path, "a directory path")
         if weight_stashing and policy != "async":
             raise ConfigError("pipeline.weight_stashing: only the async policy stashes weights")
         if not isinstance(backend, Backend) and backend not in BACKENDS:
@@ -373,6 +403,8 @@ class Pipeline:
 
     def plan(self, data: Dataset, epoch: int) -> EpochPlan:
         """Epoch ``epoch``'s plan over ``data`` (placed on the stages)."""
+        _require_dataset("data", data)
+        _require_epoch(epoch)
         return EpochPlan(
             epoch=epoch,
             lr=self.lr_schedule.lr_at(self.lr, epoch),
@@ -392,6 +424,8 @@ class Pipeline:
     def train_epoch(self, data: Dataset, epoch: int, epochs: int | None = None) -> EpochResult:
         """Run one epoch's schedule over ``data`` (shuffled by seed and epoch); ``epochs``
         only labels the progress bar."""
+        _require_dataset("data", data)
+        _require_epoch(epoch)
         backend = self._start(data)
         plan = self.plan(data, epoch)
         k = plan.minibatches
@@ -444,8 +478,7 @@ class Pipeline:
 
         Evaluation draws its IO noise from streams of its own (``stream``, by default the
         number of epochs trained), so it never changes training (see ``Stage.evaluation``)."""
-        if not isinstance(data, Dataset):
-            raise ConfigError(f"data: must be a Dataset, got {type(data).__name__}")
+        _require_dataset("data", data)
         backend = self._start(data)
         plan = EvalPlan(
             data=self._data_key(data),
@@ -464,6 +497,7 @@ class Pipeline:
         """Run one micro-batch through every stage and the loss (on evaluation streams, so
         training is unchanged): a model that does not fit the data fails here, before any
         file is written or process started, with one line naming the stage."""
+        _require_dataset("data", data)
         self._pick_loss(data)
         assert self._loss is not None
         x = data.x[: self.microbatch_size]
@@ -493,10 +527,8 @@ class Pipeline:
         epoch; write the run directory if ``out`` was given. Returns the metrics."""
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ConfigError(f"epochs: must be an integer >= 1, got {epochs!r}")
-        if not isinstance(train, Dataset):
-            raise ConfigError(f"train: must be a Dataset, got {type(train).__name__}")
-        if test is not None and not isinstance(test, Dataset):
-            raise ConfigError(f"test: must be a Dataset or None, got {type(test).__name__}")
+        _require_dataset("train", train)
+        _require_dataset("test", test, optional=True)
         self._check_waits(self._minibatches(train))  # fail before any work if it cannot run
         if self.out is not None:
             self._check_out()
@@ -571,9 +603,11 @@ class Pipeline:
         already read with :func:`aimcpipe.runtime.checkpoint.load_checkpoint`. A checkpoint
         of another model or partition is refused before anything changes."""
         state = path if isinstance(path, dict) else load_checkpoint(path)
+        if not isinstance(state.get("stages"), list | tuple) or "bounds" not in state:
+            raise ConfigError("checkpoint: not an aimcpipe checkpoint (no stages and bounds)")
         if list(state["bounds"]) != list(self.partition.bounds):
             raise ConfigError(
-                f"--resume: the checkpoint's partition {state['bounds']} differs from this "
+                f"checkpoint: the checkpoint's partition {state['bounds']} differs from this "
                 f"run's {list(self.partition.bounds)}"
             )
         stages = list(state["stages"])
@@ -592,7 +626,7 @@ class Pipeline:
         """Every stage state of a checkpoint holds this model's blocks, tensors of its shapes."""
         if len(stages) != self.num_stages:
             raise ConfigError(
-                f"--resume: the checkpoint holds {len(stages)} stages, this run has "
+                f"checkpoint: the checkpoint holds {len(stages)} stages, this run has "
                 f"{self.num_stages}"
             )
         for s, st in enumerate(stages):
@@ -601,7 +635,7 @@ class Pipeline:
             if not isinstance(blocks, dict) or list(blocks) != list(mine):
                 got = list(blocks) if isinstance(blocks, dict) else None
                 raise ConfigError(
-                    f"--resume: the checkpoint's stage {s} holds blocks {got}, this model's "
+                    f"checkpoint: the checkpoint's stage {s} holds blocks {got}, this model's "
                     f"stage {s} holds {list(mine)}: it was written for another model"
                 )
             for name, module in mine.items():
@@ -616,7 +650,7 @@ class Pipeline:
                 if want != have:
                     key = next(k for k in {*want, *have} if want.get(k) != have.get(k))
                     raise ConfigError(
-                        f"--resume: the checkpoint's {name}.{key} has shape "
+                        f"checkpoint: the checkpoint's {name}.{key} has shape "
                         f"{have.get(key, 'none')}, this model's {want.get(key, 'none')}: it "
                         "was written for another model"
                     )

@@ -42,6 +42,31 @@ def test_other_bad_parameters():
         AnalogConfig(rule="adam")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: DeviceConfig(tau="1"), "tau: expected a number or null, got '1'"),
+        (lambda: DeviceConfig(tau=True), "tau: expected a number or null, got True"),
+        (lambda: DeviceConfig(dw_min="x"), "dw_min: expected a number, got 'x'"),
+        (lambda: AnalogConfig(device={"tau": "a"}), "device.tau: expected a number"),
+        (lambda: AnalogConfig(device=3), "device: expected a mapping or a DeviceConfig"),
+        (lambda: AnalogConfig(update="pulsed"), "update: expected a mapping or an UpdateConfig"),
+        (lambda: TikiTakaConfig(transfer_lr="big"), "transfer_lr"),
+    ],
+)
+def test_wrong_types_are_refused_by_name(build, message):
+    """The Python API is as strict as a config file: a string where a number belongs, a
+    bool where a float belongs, a scalar where a section belongs are refused at once."""
+    with pytest.raises(ConfigError, match=message):
+        build()
+
+
+def test_mappings_become_sections():
+    config = AnalogConfig(device={"tau": 0.5}, update={"desired_bl": 10})
+    assert isinstance(config.device, DeviceConfig) and config.device.w_max == 0.5
+    assert isinstance(config.update, UpdateConfig) and config.update.desired_bl == 10
+
+
 def test_tau_sets_symmetric_bounds():
     cfg = DeviceConfig(tau=2.0)
     assert (cfg.w_min, cfg.w_max) == (-2.0, 2.0)

@@ -151,6 +151,20 @@ def test_pulse_trains_respect_bit_length_and_dw_min():
     assert small.max() <= 1
 
 
+def test_a_learning_rate_beyond_float32_over_dw_min_saturates_not_nan():
+    """lr/dw_min beyond float32 is inf: samples with a signal fire the longest train, a
+    sample of zeros fires nothing (0 * inf would be NaN)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, generator=gen)
+    x[1] = 0.0
+    d = torch.randn(2, 4, generator=gen)
+    coincidences, signed = pulse_counts(x, d, lr=1e37, dw_min=1e-3, desired_bl=5, generator=gen)
+    assert torch.isfinite(coincidences).all() and torch.isfinite(signed).all()
+    assert 0 < coincidences.max() <= 5
+    quiet, _ = pulse_counts(x[1:], d[1:], lr=1e37, dw_min=1e-3, desired_bl=5, generator=gen)
+    assert quiet.sum() == 0
+
+
 def test_same_seed_same_device_variation_and_pulses():
     cfg = DeviceConfig(tau=1.0, dw_min_dtod=0.3, w_max_dtod=0.2, dw_min_std=0.3)
     a, _ = _tile(cfg, mode="pulsed", seed=11)

@@ -91,7 +91,12 @@ def test_asymptotic_error_claims_of_the_paper(tmp_path):
     ("flag", "value", "message"),
     [
         ("--algorithms", "adam", "--algorithms: 'adam' is not allowed"),
-        ("--tau", "1,-2", "--tau: every value must be a positive number"),
+        ("--tau", "1,-2", "--tau: every value must be a number > 0"),
+        ("--tau", "1e39", "--tau: every value must be a number > 0 and at most 3.4e+38"),
+        ("--tt-transfer-ratio", "inf", "--tt-transfer-ratio: must be a number > 0"),
+        ("--tt-transfer-ratio", "nan", "--tt-transfer-ratio: must be a number > 0"),
+        ("--lr-budget", "inf", "--lr-budget: must be a number > 0"),
+        ("--tau-lr", "1e39", "--tau-lr: must be a number > 0 and at most"),
         ("--lrs", "fast", "--lrs: 'fast' is not a comma-separated list"),
         ("--modes", "exact", "--modes: 'exact' is not allowed"),
         ("--replicas", "0", "--replicas: must be >= 1"),
