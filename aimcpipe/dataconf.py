@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from aimcpipe.errors import ConfigError
 
-__all__ = ["check_fields", "from_dict", "to_dict"]
+__all__ = ["check_fields", "check_int", "from_dict", "to_dict"]
 
 T = TypeVar("T")
 
@@ -93,6 +93,14 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {value!r}")
         return value
+    return value
+
+
+def check_int(name: str, value: Any, minimum: int) -> int:
+    """``value`` if it is an integer (not a bool) >= ``minimum``, else a ConfigError naming
+    ``name`` (``seed: must be an integer >= 0, got 'a'``)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name}: must be an integer >= {minimum}, got {value!r}")
     return value
 
 

@@ -10,6 +10,7 @@ from torch import nn
 
 from aimcpipe.analog.config import AnalogConfig
 from aimcpipe.analog.layers import AnalogConv2d, AnalogLayer, AnalogLinear
+from aimcpipe.dataconf import check_int
 from aimcpipe.errors import ConfigError
 from aimcpipe.seeding import derive_seed
 
@@ -73,8 +74,7 @@ def convert(
     config = AnalogConfig() if config is None else config
     if not isinstance(config, AnalogConfig):
         raise ConfigError(f"config: expected an AnalogConfig or None, got {config!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"seed: must be an integer >= 0, got {seed!r}")
+    check_int("seed", seed, 0)
     if isinstance(exclude, str):
         raise ConfigError(f"exclude: expected a list of layer names, got the string {exclude!r}")
     excluded = set(exclude)

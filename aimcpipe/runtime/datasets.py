@@ -28,6 +28,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from aimcpipe.dataconf import check_int
 from aimcpipe.errors import ConfigError
 from aimcpipe.seeding import derive_seed
 
@@ -157,9 +158,7 @@ def load_dataset(
 
 
 def _int_option(key: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"data.{key}: must be an integer >= {minimum}, got {value!r}")
-    return value
+    return check_int(f"data.{key}", value, minimum)
 
 
 def _limit(ds: Dataset, limit: int | None, key: str) -> Dataset:

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from aimcpipe.dataconf import check_int
 from aimcpipe.errors import AimcpipeError, ConfigError, StageFailure
 from aimcpipe.runtime.backends import Backend, make_backend
 from aimcpipe.runtime.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
@@ -96,11 +97,6 @@ def _require_dataset(name: str, data: object, optional: bool = False) -> None:
         )
 
 
-def _require_epoch(epoch: object) -> None:
-    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-        raise ConfigError(f"epoch: must be an integer >= 0, got {epoch!r}")
-
-
 class Pipeline:
     """A model cut into stages, trained under ``policy`` on a backend.
 
@@ -154,8 +150,7 @@ class Pipeline:
                 + ", ".join(PIPELINE_POLICIES)
             )
         for name, value in (("microbatches", microbatches), ("microbatch_size", microbatch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"pipeline.{name}: must be an integer >= 1, got {value!r}")
+            check_int(f"pipeline.{name}", value, 1)
         if not (isinstance(lr, int | float) and 0 < lr < math.inf):
             raise ConfigError(f"optim.lr: must be a number > 0, got {lr!r}")
         for name, value, low in (
@@ -163,8 +158,7 @@ class Pipeline:
             ("eval_batch_size", eval_batch_size, 1),
             ("checkpoint_every", checkpoint_every, 0),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"{name}: must be an integer >= {low}, got {value!r}")
+            check_int(name, value, low)
         for name, value in (("pipeline.weight_stashing", weight_stashing), ("progress", progress)):
             _check_type(name, value, bool, "true or false")
         if lr_schedule is not None:
@@ -404,7 +398,7 @@ class Pipeline:
     def plan(self, data: Dataset, epoch: int) -> EpochPlan:
         """Epoch ``epoch``'s plan over ``data`` (placed on the stages)."""
         _require_dataset("data", data)
-        _require_epoch(epoch)
+        check_int("epoch", epoch, 0)
         return EpochPlan(
             epoch=epoch,
             lr=self.lr_schedule.lr_at(self.lr, epoch),
@@ -425,7 +419,7 @@ class Pipeline:
         """Run one epoch's schedule over ``data`` (shuffled by seed and epoch); ``epochs``
         only labels the progress bar."""
         _require_dataset("data", data)
-        _require_epoch(epoch)
+        check_int("epoch", epoch, 0)
         backend = self._start(data)
         plan = self.plan(data, epoch)
         k = plan.minibatches
@@ -525,8 +519,7 @@ class Pipeline:
     def fit(self, train: Dataset, test: Dataset | None = None, epochs: int = 1) -> RunMetrics:
         """Train until ``epochs`` epochs are done in total; evaluate on ``test`` after each
         epoch; write the run directory if ``out`` was given. Returns the metrics."""
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise ConfigError(f"epochs: must be an integer >= 1, got {epochs!r}")
+        check_int("epochs", epochs, 1)
         _require_dataset("train", train)
         _require_dataset("test", test, optional=True)
         self._check_waits(self._minibatches(train))  # fail before any work if it cannot run
