@@ -61,7 +61,14 @@ import torch.distributed as dist
 from aimcpipe.errors import StageFailure
 from aimcpipe.runtime.clock import boot_id
 from aimcpipe.runtime.transport import Key
-from aimcpipe.runtime.unix_links import Message, UnixLink, connect_links, header_array, pump
+from aimcpipe.runtime.unix_links import (
+    Message,
+    UnixLink,
+    connect_links,
+    header_array,
+    header_values,
+    pump,
+)
 
 __all__ = ["Channels", "PeerLost", "PeerTimeout"]
 
@@ -145,7 +152,7 @@ def _packed(header: list[int], payload: torch.Tensor) -> torch.Tensor:
 
 def _decode(raw: bytes) -> Message:
     """A header read from a unix link, and the tensor its payload is to be read into."""
-    h = np.frombuffer(raw, dtype=np.int64).tolist()
+    h = header_values(raw)
     if h[4] & NONE:
         return h, None
     return h, torch.empty(h[DIMS : DIMS + h[3]], dtype=DTYPES[h[2]])

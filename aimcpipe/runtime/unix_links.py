@@ -35,10 +35,9 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import numpy as np
 import torch
 
-__all__ = ["Message", "UnixLink", "connect_links", "pump"]
+__all__ = ["Message", "UnixLink", "byte_view", "connect_links", "header_values", "pump"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +74,7 @@ class UnixLink:
         self._outbox: deque[tuple[memoryview, Any]] = deque()  # bytes left, what owns them
         self._lock = threading.Lock()  # the outbox (a latency thread sends too)
         self._head = bytearray(header_bytes)
+        self._head_view = memoryview(self._head)
         self._got = 0  # bytes read of the current header, then of its payload
         self._reading: Message | None = None  # header read, payload under way
         self._into: memoryview | None = None
@@ -83,12 +83,26 @@ class UnixLink:
     # -- sending -------------------------------------------------------------------------------
     def post(self, header: bytes, payload: torch.Tensor | None) -> None:
         """Queue one message and hand the kernel what it takes now (never blocks)."""
-        parts = [(memoryview(header), None)]
+        parts = [memoryview(header)]
         if payload is not None and payload.numel():
-            parts.append((memoryview(payload.reshape(-1).view(torch.uint8).numpy()), payload))
+            parts.append(byte_view(payload))
         with self._lock:
-            self._outbox.extend(parts)
-            self._flush()
+            if self._outbox:
+                self._outbox.extend((view, payload) for view in parts)
+                self._flush()
+                return
+            # the usual case: nothing queued before it, and the kernel takes it all at once
+            try:
+                sent = self.sock.sendmsg(parts)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            self.progress += sent
+            for view in parts:
+                if sent >= len(view):
+                    sent -= len(view)
+                    continue
+                self._outbox.append((view[sent:], payload))
+                sent = 0
 
     @property
     def sending(self) -> bool:
@@ -134,15 +148,16 @@ class UnixLink:
             poller.poll(max(1, min(int(left * 1000) + 1, 1000)))
 
     # -- receiving -----------------------------------------------------------------------------
-    def read(self) -> None:
-        """Read what has arrived, up to the messages the phase still expects (never blocks);
-        raises ``ConnectionError`` when the peer has gone."""
+    def read(self) -> bool:
+        """Read what has arrived, up to the end of the next message the phase still expects
+        (never blocks); whether a message was completed. Raises ``ConnectionError`` when the
+        peer has gone. (Stopping after a message saves the call that would find nothing.)"""
         while self.remaining:
-            piece = memoryview(self._head) if self._into is None else self._into
+            piece = self._head_view if self._into is None else self._into
             try:
                 got = self.sock.recv_into(piece[self._got :])
             except (BlockingIOError, InterruptedError):
-                return
+                return False
             if not got:
                 raise ConnectionError("connection closed by the peer")
             self._got += got
@@ -154,11 +169,13 @@ class UnixLink:
                 header, payload = self._decode(bytes(self._head))
                 if payload is not None and payload.numel():
                     self._reading = (header, payload)
-                    self._into = memoryview(payload.reshape(-1).view(torch.uint8).numpy())
+                    self._into = byte_view(payload)
                     continue
                 self._done((header, payload))
             else:
                 self._done(self._reading)
+            return True
+        return False
 
     def _done(self, message: Message) -> None:
         self.arrived.append(message)
@@ -181,11 +198,11 @@ def pump(
     ``until()`` holds or ``deadline`` (``time.monotonic``) passes; returns ``until()``.
     Raises ``ConnectionError`` (with ``.peer`` set) for a peer that has gone."""
     links = list(links)
-    by_fd = {link.fd: link for link in links}
     spin_until = time.monotonic() + spin_s
     while True:
+        completed = False
         for link in links:
-            _step(link, link.read)
+            completed |= bool(_step(link, link.read))
             if link.sending:
                 _step(link, link.flush)
         if until():
@@ -194,8 +211,8 @@ def pump(
         left = deadline - now
         if left <= 0:
             return False
-        if now < spin_until:
-            continue
+        if completed or now < spin_until:
+            continue  # more may have arrived behind the message just read
         poller = select.poll()
         watched = 0
         for link in links:
@@ -210,13 +227,13 @@ def pump(
         for fd, events in poller.poll(max(1, min(int(left * 1000) + 1, 1000))):
             if events & (select.POLLHUP | select.POLLERR) and not events & select.POLLIN:
                 error = ConnectionError("connection reset by the peer")
-                error.peer = by_fd[fd].peer  # type: ignore[attr-defined]
+                error.peer = next(x.peer for x in links if x.fd == fd)  # type: ignore[attr-defined]
                 raise error
 
 
-def _step(link: UnixLink, fn: Callable[[], None]) -> None:
+def _step(link: UnixLink, fn: Callable[[], Any]) -> Any:
     try:
-        fn()
+        return fn()
     except (ConnectionError, OSError) as exc:
         error = ConnectionError(f"connection broken: {exc}")
         error.peer = link.peer  # type: ignore[attr-defined]
@@ -341,5 +358,20 @@ def connect_links(
 
 
 def header_array(values: list[int]) -> bytes:
-    """A header's values as the bytes that travel."""
-    return np.asarray(values, dtype=np.int64).tobytes()
+    """A header's values as the bytes that travel (little-endian int64s)."""
+    return struct.pack(f"<{len(values)}q", *values)
+
+
+def header_values(raw: bytes) -> list[int]:
+    """The values of a header read from a link (:func:`header_array` undone)."""
+    return list(struct.unpack(f"<{len(raw) // 8}q", raw))
+
+
+def byte_view(tensor: torch.Tensor) -> memoryview:
+    """A flat byte view of a contiguous CPU tensor's memory, to send from or read into.
+    Through numpy where it has the dtype (one call into torch: it is paid between actions,
+    with the caches cold), else through a uint8 view (bfloat16)."""
+    try:
+        return memoryview(tensor.numpy()).cast("B")
+    except (TypeError, RuntimeError):
+        return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())

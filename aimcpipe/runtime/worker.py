@@ -31,6 +31,9 @@ __all__ = ["StageData", "StageWorker", "data_for_stage", "pick_device"]
 
 log = logging.getLogger(__name__)
 
+FEED_BLOCK = 16  # micro-batches of inputs (targets) gathered at once, at most ...
+FEED_BYTES = 2 << 20  # ... and about this many bytes (at least one micro-batch)
+
 
 def pick_device(option: str, local_rank: int = 0) -> torch.device:
     """``auto``: ``cuda:(local_rank % GPUs)`` when CUDA is available, else the CPU."""
@@ -91,18 +94,32 @@ class StageWorker:
         self.data.pop(key, None)
 
     def _feed(self, plan: EpochPlan) -> Callable[[Key], torch.Tensor]:
+        """Micro-batch ``n``'s inputs or targets in the plan's sample order. They are
+        gathered a block of micro-batches at a time (at most ``FEED_BLOCK`` of them, and
+        about ``FEED_BYTES``), and each micro-batch is a view into its block: one gather per
+        block instead of one per micro-batch, which the stage pays between two actions with
+        its caches cold from the last one (about 40 µs each on a 2-core VM)."""
         data = self.data[plan.data]
         order = plan.order
         b = plan.microbatch_size
         device = self.device
+        blocks: dict[str, tuple[int, int, torch.Tensor]] = {}  # kind -> (first, count, block)
 
         def feed(key: Key) -> torch.Tensor:
             kind, n, _, _ = key
             assert order is not None
-            source = data.x if kind == "input" else data.y
-            assert source is not None, f"stage {self.index} holds no {kind}s of {plan.data}"
-            batch = source[order[n * b : (n + 1) * b]]
-            return batch if batch.device == device else batch.to(device, non_blocking=True)
+            held = blocks.get(kind)
+            if held is None or not held[0] <= n < held[0] + held[1]:
+                source = data.x if kind == "input" else data.y
+                assert source is not None, f"stage {self.index} holds no {kind}s of {plan.data}"
+                row = max(1, source[:1].numel() * source.element_size())
+                count = max(1, min(FEED_BLOCK, FEED_BYTES // (row * b)))
+                gathered = source[order[n * b : (n + count) * b]]
+                if gathered.device != device:
+                    gathered = gathered.to(device, non_blocking=True)
+                held = blocks[kind] = (n, count, gathered)
+            first, _, block = held
+            return block[(n - first) * b : (n - first + 1) * b]
 
         return feed
 
