@@ -87,22 +87,8 @@ class UnixLink:
         if payload is not None and payload.numel():
             parts.append(byte_view(payload))
         with self._lock:
-            if self._outbox:
-                self._outbox.extend((view, payload) for view in parts)
-                self._flush()
-                return
-            # the usual case: nothing queued before it, and the kernel takes it all at once
-            try:
-                sent = self.sock.sendmsg(parts)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            self.progress += sent
-            for view in parts:
-                if sent >= len(view):
-                    sent -= len(view)
-                    continue
-                self._outbox.append((view[sent:], payload))
-                sent = 0
+            self._outbox.extend((view, payload) for view in parts)
+            self._flush()
 
     @property
     def sending(self) -> bool:
@@ -202,7 +188,7 @@ def pump(
     while True:
         completed = False
         for link in links:
-            completed |= bool(_step(link, link.read))
+            completed |= _step(link, link.read)
             if link.sending:
                 _step(link, link.flush)
         if until():
