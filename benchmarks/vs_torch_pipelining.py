@@ -55,6 +55,7 @@ import queue
 import socket
 import statistics
 import sys
+import textwrap
 import time
 import traceback
 from collections import OrderedDict
@@ -579,7 +580,7 @@ def plot(rows: list[dict], t1_ms: float, ideal: dict[str, float], path: Path) ->
     ax.axhline(t1_ms / 2, color="k", ls="--", lw=1, label=f"T1/2 = {t1_ms / 2:.1f} ms (ideal)")
     ax.axhline(ideal["1f1b"], color="k", ls=":", lw=1,
                label=f"1F1B with bubble, free comm. = {ideal['1f1b']:.1f} ms")  # fmt: skip
-    ax.set_xticks(range(len(rows)), [n.replace(" ", "\n", 1) for n in names], fontsize=8)
+    ax.set_xticks(range(len(rows)), [textwrap.fill(n, 16) for n in names], fontsize=8)
     ax.set_ylabel("ms per mini-batch (median, min–max)")
     ax.set_title(f"MLP {'-'.join(map(str, SIZES))}, batch {BM * MB} = {BM}×{MB}, 2 stages, "
                  "gloo, 1 thread/stage")  # fmt: skip

@@ -59,7 +59,7 @@ import torch
 import torch.distributed as dist
 
 from aimcpipe.errors import StageFailure
-from aimcpipe.runtime.clock import boot_id
+from aimcpipe.runtime.clock import boot_id, tighten_timers
 from aimcpipe.runtime.transport import Key
 from aimcpipe.runtime.unix_links import (
     Message,
@@ -605,6 +605,7 @@ class Channels:
 
     # -- emulated latency --------------------------------------------------------------------------
     def _send_later(self, dst: int, q: queue.Queue[Any]) -> None:
+        tighten_timers()  # this thread only waits out latencies: wake it when they end
         while True:
             item = q.get()
             try:

@@ -28,7 +28,7 @@ import torch
 
 from aimcpipe.errors import AimcpipeError
 from aimcpipe.runtime.channels import Channels, PeerLost, PeerTimeout
-from aimcpipe.runtime.clock import boot_id
+from aimcpipe.runtime.clock import boot_id, tighten_timers
 from aimcpipe.runtime.faults import Fault
 from aimcpipe.runtime.plan import EpochPlan, EvalPlan, EvalResult, StageReport, StageSpec
 from aimcpipe.runtime.rendezvous import Store
@@ -195,6 +195,8 @@ class StageHost:
             if hook is not None:
                 hook(index)
 
+        if plan.cycle_s:
+            tighten_timers()  # in the thread that runs the epoch (the setting is per thread)
         try:
             return self._worker().run_epoch(plan, self.channels, before=before)
         finally:

@@ -4,7 +4,10 @@ cost model's prediction with the measured makespan."""
 
 from __future__ import annotations
 
+import ctypes
 import itertools
+import sys
+import threading
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aimcpipe.runtime import Pipeline
+from aimcpipe.runtime.clock import tighten_timers
 from aimcpipe.runtime.interpreter import Interpreter
 from aimcpipe.runtime.transport import LocalTransport
 from aimcpipe.scheduler import CostModel, build_schedule
@@ -107,3 +111,24 @@ def test_outputs_sent_early_are_not_used_before_the_emulated_end(torch_pool, dig
                 assert r.start >= starts["F", s - 1, r.action.microbatches] + cycle
             if r.action.kind == "B" and s < 2:
                 assert r.start >= starts["B", s + 1, r.action.microbatches] + 2 * cycle
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="timer slack is Linux's")
+def test_tighten_timers_sets_this_threads_timer_slack_only():
+    libc = ctypes.CDLL(None, use_errno=True)
+    set_slack, get_slack = 29, 30  # PR_SET_TIMERSLACK, PR_GET_TIMERSLACK
+    seen: dict[str, int | bool] = {}
+
+    def tighten() -> None:
+        libc.prctl(set_slack, 50_000, 0, 0, 0)  # the kernel's default, whatever we inherited
+        seen["before"] = libc.prctl(get_slack, 0, 0, 0, 0)
+        seen["applied"] = tighten_timers()
+        seen["after"] = libc.prctl(get_slack, 0, 0, 0, 0)
+
+    main_before = libc.prctl(get_slack, 0, 0, 0, 0)
+    thread = threading.Thread(target=tighten)
+    thread.start()
+    thread.join(10)
+    assert seen["applied"] is True
+    assert seen["before"] == 50_000 and seen["after"] == 1
+    assert libc.prctl(get_slack, 0, 0, 0, 0) == main_before  # other threads keep theirs
