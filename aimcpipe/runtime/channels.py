@@ -59,7 +59,7 @@ import torch
 import torch.distributed as dist
 
 from aimcpipe.errors import StageFailure
-from aimcpipe.runtime.clock import boot_id, tighten_timers
+from aimcpipe.runtime.clock import boot_id, sleep_until, tighten_timers
 from aimcpipe.runtime.transport import Key
 from aimcpipe.runtime.unix_links import (
     Message,
@@ -407,8 +407,7 @@ class Channels:
 
     def _unboxed(self, key: Key) -> Any:
         payload, due = self._box.pop(key)
-        while (left := due - time.perf_counter()) > 0:  # sent early: usable when due
-            time.sleep(left)
+        sleep_until(due)  # sent early: usable when due
         if payload is not None and payload.device != self.device:
             payload = payload.to(self.device)
         return payload
@@ -612,8 +611,7 @@ class Channels:
                 if item is None:
                     return
                 kind, n, tensor, due = item
-                while (left := due - time.monotonic()) > 0:
-                    time.sleep(left)
+                sleep_until(due, time.monotonic)
                 if self._error is None:
                     self._post(dst, kind, n, tensor)
                     if dst in self._links:  # the stage may be busy: see it out ourselves

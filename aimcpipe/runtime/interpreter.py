@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from aimcpipe.errors import ScheduleError, StageFailure
+from aimcpipe.runtime.clock import sleep_until
 from aimcpipe.runtime.memo import ByIdentity
 from aimcpipe.runtime.transport import DRIVER, Key, Transport
 from aimcpipe.scheduler import BACKWARD, FORWARD, UPDATE, Action, received_message, sent_message
@@ -221,9 +222,7 @@ class Interpreter:
             self.overruns += 1
             self.overrun_s += end - due
             return end
-        while (left := due - self.clock()) > 0:
-            time.sleep(left)  # (spinning the last 0.3 ms measured slower: stages share cores)
-        return self.clock()
+        return sleep_until(due, self.clock)
 
     def run(
         self,

@@ -8,6 +8,7 @@ import ctypes
 import itertools
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -15,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from aimcpipe.runtime import Pipeline
-from aimcpipe.runtime.clock import tighten_timers
+from aimcpipe.runtime import clock as clock_module
+from aimcpipe.runtime.clock import WAKE_EARLY_S, sleep_until, tighten_timers
 from aimcpipe.runtime.interpreter import Interpreter
 from aimcpipe.runtime.transport import LocalTransport
 from aimcpipe.scheduler import CostModel, build_schedule
@@ -132,3 +134,36 @@ def test_tighten_timers_sets_this_threads_timer_slack_only():
     assert seen["applied"] is True
     assert seen["before"] == 50_000 and seen["after"] == 1
     assert libc.prctl(get_slack, 0, 0, 0, 0) == main_before  # other threads keep theirs
+
+
+def test_sleep_until_sleeps_short_of_the_due_time_and_spins_the_rest(monkeypatch):
+    now = [0.0]
+    slept: list[float] = []
+
+    def fake_sleep(s: float) -> None:
+        slept.append(s)
+        now[0] += s
+
+    def ticking() -> float:  # every read of the clock moves it on by 1 µs
+        now[0] += 1e-6
+        return now[0]
+
+    monkeypatch.setattr(clock_module.time, "sleep", fake_sleep)
+    due = 0.01
+    end = sleep_until(due, ticking)
+    assert due <= end < due + 1e-5
+    assert len(slept) == 1 and slept[0] < due - WAKE_EARLY_S  # woke early, then spun
+    slept.clear()
+    due = now[0] + WAKE_EARLY_S / 2
+    assert sleep_until(due, ticking) >= due
+    assert slept == []  # too close to sleep: only spins
+    before = now[0]
+    assert sleep_until(before - 1.0, ticking) < before + 5e-6  # already due: back at once
+    assert slept == []
+
+
+def test_sleep_until_on_the_real_clock_never_returns_early():
+    for wait in (0.0, 5e-5, 2e-3):
+        due = time.perf_counter() + wait
+        assert sleep_until(due) >= due
+        assert time.perf_counter() >= due
