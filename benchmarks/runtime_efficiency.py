@@ -10,9 +10,10 @@ stage count and policy:
 * efficiency = predicted makespan (cycles × cycle_s) / measured makespan
   (targets: >= 0.95 torch, >= 0.90 Ray);
 * measured speedup of async over wop at S = 1 (targets: >= 3.7× at S = 4, >= 7× at S = 8);
-* where the lost time goes, from each run's trace: the actions' overshoot beyond their
-  emulated time (the wake-up after each wait), summed on the busiest stage, and the rest
-  (messages between stages and the stage's own dispatch between actions).
+* where the lost time goes, from each run's trace, along its critical path (see
+  :func:`where_time_goes`): hand-overs between stages, each stage's own dispatch between
+  actions, and actions overshooting their emulated time. (The central scheduler is not on
+  this path: it builds the action lists before the epoch and is not called during it.)
 
 Run::
 
@@ -31,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine_info
@@ -67,22 +69,88 @@ def _count(microbatches: str) -> int:
     return total
 
 
-def lost_time(run_dir: Path, cycle_s: float) -> tuple[float, float]:
-    """(median overshoot of an action beyond its emulated time in µs, that overshoot summed
-    on the stage with the most of it, in s), from the run's trace and partition."""
+class Action(NamedTuple):
+    kind: str  # the trace's category: forward, backward, update
+    stage: int
+    microbatches: str
+    start: float  # µs, clocks aligned
+    end: float
+    due: float  # its emulated duration, µs
+
+
+def _actions(run_dir: Path, cycle_s: float) -> list[Action]:
     trace = json.loads((run_dir / "trace.json").read_text())
     layers = json.loads((run_dir / "partition.json").read_text())["layers"]
-    over: dict[int, list[float]] = {}
+    out = []
     for e in trace["traceEvents"]:
         if e.get("ph") != "X":
             continue
-        s = e["args"]["stage"]
-        units = _count(str(e["args"]["microbatches"])) if e["cat"] == "update" else 1
-        due_us = layers[s] * units * cycle_s * 1e6
-        over.setdefault(s, []).append(e["dur"] - due_us)
-    every = [x for xs in over.values() for x in xs]
-    worst = max(sum(xs) for xs in over.values()) * 1e-6
-    return statistics.median(every), worst
+        s, mbs = e["args"]["stage"], str(e["args"]["microbatches"])
+        units = _count(mbs) if e["cat"] == "update" else 1
+        due = layers[s] * units * cycle_s * 1e6
+        out.append(Action(e["cat"], s, mbs, e["ts"], e["ts"] + e["dur"], due))
+    return out
+
+
+def where_time_goes(run_dir: Path, cycle_s: float) -> dict:
+    """Split the time a run lost against its emulated schedule along its critical path.
+
+    Walks back from the action that ended last. Each action waited either for its own
+    stage's previous action to end (then the gap between is the stage's *dispatch*: reading
+    the next micro-batch, recording the action) or for a neighbour's output, usable at the
+    producer's emulated end (then the gap is the *hand-over*: waking up on the message and
+    unpacking it). An action whose own end bounds the next one adds its *overshoot* beyond
+    its emulated time. On a path whose emulated lengths add up to the predicted makespan the
+    three sum to the time lost (``path_emulated_s`` says whether they do)."""
+    acts = _actions(run_dir, cycle_s)
+    stages = max(a.stage for a in acts) + 1
+    previous: dict[Action, Action | None] = {}
+    by_stage: dict[int, list[Action]] = {}
+    for a in sorted(acts, key=lambda a: a.start):
+        by_stage.setdefault(a.stage, []).append(a)
+    for xs in by_stage.values():
+        previous.update(zip(xs, [None, *xs[:-1]], strict=True))
+    outputs: dict[tuple[str, int, str], list[Action]] = {}
+    for a in acts:
+        outputs.setdefault((a.kind, a.stage, a.microbatches), []).append(a)
+
+    def producer(a: Action) -> Action | None:
+        src = a.stage - 1 if a.kind == "forward" else a.stage + 1
+        if a.kind == "update" or not 0 <= src < stages:
+            return None
+        usable = [p for p in outputs.get((a.kind, src, a.microbatches), ())
+                  if p.start + p.due <= a.start + 50]  # fmt: skip
+        return max(usable, key=lambda p: p.start, default=None)
+
+    a = max(acts, key=lambda a: a.end)
+    overshoot = a.end - a.start - a.due
+    emulated = 0.0
+    handovers: list[float] = []
+    dispatches: list[float] = []
+    while True:
+        emulated += a.due
+        own, prod = previous[a], producer(a)
+        if own is None and prod is None:
+            break
+        if prod is not None and (own is None or prod.start + prod.due > own.end):
+            handovers.append(a.start - prod.start - prod.due)
+            a = prod
+        else:
+            dispatches.append(a.start - own.end)
+            overshoot += own.end - own.start - own.due
+            a = own
+    return {
+        "actions": len(handovers) + len(dispatches) + 1,
+        "path_emulated_s": emulated * 1e-6,
+        "overshoot_s": overshoot * 1e-6,
+        "handover_s": sum(handovers) * 1e-6,
+        "handovers": len(handovers),
+        "median_handover_us": statistics.median(handovers) if handovers else 0.0,
+        "dispatch_s": sum(dispatches) * 1e-6,
+        "dispatches": len(dispatches),
+        "median_dispatch_us": statistics.median(dispatches) if dispatches else 0.0,
+        "median_action_overshoot_us": statistics.median(a.end - a.start - a.due for a in acts),
+    }
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -142,19 +210,15 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             records = run_sweep(sweep, Path(tmp) / "sweep", progress=False)
             for r in records:
-                overshoot_us, in_actions_s = lost_time(Path(tmp) / "sweep" / r["run_dir"],
-                                                       args.cycle_s)  # fmt: skip
-                lost_s = r["measured_makespan_s"] - r["predicted_makespan_s"]
+                path = where_time_goes(Path(tmp) / "sweep" / r["run_dir"], args.cycle_s)
                 row = {k: r[k] for k in (
                     "policy", "stages", "cycles", "predicted_makespan_s", "measured_makespan_s",
                     "efficiency", "measured_speedup", "predicted_speedup", "overruns",
                 )}  # fmt: skip
                 row.update(
                     backend=backend,
-                    lost_s=lost_s,
-                    lost_in_action_overshoot_s=in_actions_s,
-                    lost_between_actions_s=lost_s - in_actions_s,
-                    median_action_overshoot_us=overshoot_us,
+                    lost_s=r["measured_makespan_s"] - r["predicted_makespan_s"],
+                    critical_path=path,
                     meets_efficiency_target=r["efficiency"] >= EFFICIENCY[backend],
                 )
                 if r["policy"] == "async" and r["stages"] in ASYNC_SPEEDUP:
@@ -165,9 +229,12 @@ def main() -> None:
                 print(
                     f"{backend:5s} S={r['stages']} {r['policy']:9s} efficiency "
                     f"{r['efficiency']:.3f}, speedup {r['measured_speedup']:.2f}x (predicted "
-                    f"{r['predicted_speedup']:.2f}x), lost {lost_s:.2f} s: "
-                    f"{in_actions_s:.2f} s in action overshoot (median {overshoot_us:.0f} µs), "
-                    f"{lost_s - in_actions_s:.2f} s between actions; overruns {r['overruns']}"
+                    f"{r['predicted_speedup']:.2f}x), lost {row['lost_s']:.3f} s; on the "
+                    f"critical path: hand-overs {path['handover_s']:.3f} s "
+                    f"({path['handovers']}, median {path['median_handover_us']:.0f} µs), "
+                    f"dispatch {path['dispatch_s']:.3f} s ({path['dispatches']}, median "
+                    f"{path['median_dispatch_us']:.0f} µs), overshoot {path['overshoot_s']:.3f} s;"
+                    f" overruns {r['overruns']}"
                 )
         print(f"  ({time.perf_counter() - started:.0f} s with start-up)")
     args.out.mkdir(parents=True, exist_ok=True)
