@@ -11,6 +11,7 @@ the error is at most half that round trip, which is recorded with the trace.
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -66,16 +67,19 @@ def tighten_timers() -> bool:
         return False
 
 
-WAKE_EARLY_S = 0.0001  # sleep_until wakes this long before its due time and spins the rest
+WAKE_EARLY_S = 0.0005  # sleep_until wakes this long before its due time and spins the rest
+_yield_core = getattr(os, "sched_yield", lambda: None)  # (Unix only)
 
 
 def sleep_until(due: float, clock: Callable[[], float] = time.perf_counter) -> float:
     """Wait until ``clock()`` reaches ``due``; returns the clock then. Sleeps until
-    :data:`WAKE_EARLY_S` before ``due`` and spins the rest: a sleeping thread on a VM wakes
-    60-130 µs late even with :func:`tighten_timers`, and emulated device time waits like this
-    before most actions and messages."""
+    :data:`WAKE_EARLY_S` before ``due``, then spins, yielding the core on every turn. Emulated
+    device time waits like this before most actions and messages: a thread woken from a
+    sleep on a VM is often 100 µs or more late (its virtual CPU was idle and has to be
+    scheduled again), even with :func:`tighten_timers`, and a spin that yields keeps the
+    virtual CPU awake without taking it from a stage that has work."""
     while (left := due - clock()) > WAKE_EARLY_S:
         time.sleep(left - WAKE_EARLY_S)
     while (now := clock()) < due:
-        pass
+        _yield_core()
     return now
