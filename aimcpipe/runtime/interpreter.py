@@ -138,6 +138,7 @@ class Interpreter:
         self.overruns = 0
         self.overrun_s = 0.0
         self._needs, self._sends, self._groups = _wiring(self.actions, stage.num_stages)
+        self._fed: dict[Key, Any] | None = None  # the next action's data, read ahead
 
     @property
     def stats(self) -> list[dict[str, float]]:
@@ -170,8 +171,11 @@ class Interpreter:
         position = self.position
         action = self.actions[position]
         feed = self.feed
+        fed, self._fed = self._fed, None
         inputs = [
-            feed(k) if k[2] == DRIVER and feed is not None else self.transport.recv(k, self.timeout)
+            (fed[k] if fed is not None else feed(k))
+            if k[2] == DRIVER and feed is not None
+            else self.transport.recv(k, self.timeout)
             for k in self._needs[position]
         ]
         start = self.clock()
@@ -203,6 +207,9 @@ class Interpreter:
             ):
                 self.transport.send(key, out, due)  # held by the receiver until due
                 key = None
+            if feed is not None and end < due and position + 1 < len(self.actions):
+                # the next action's data, read while this one's emulated time runs out
+                self._fed = {k: feed(k) for k in self._needs[position + 1] if k[2] == DRIVER}
             end = self._wait_out(action, due, end)
         if key is not None:
             self.transport.send(key, out)

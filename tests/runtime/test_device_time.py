@@ -25,19 +25,28 @@ from aimcpipe.stages import build_model
 from aimcpipe.stages.stage import Stage
 
 
-def _one_stage_run(pace: float, step: float) -> Interpreter:
-    """A one-stage schedule on a clock that advances ``step`` per reading (no real time)."""
+def _one_stage_run(
+    pace: float | None, step: float, reads: list[tuple[str, int, int]] | None = None
+) -> Interpreter:
+    """A one-stage schedule on a clock that advances ``step`` per reading (no real time).
+    ``reads`` collects (kind, micro-batch, position of the interpreter) per data read."""
     ticks = itertools.count()
     stage = Stage(0, 1, [("0", nn.Linear(3, 2))], lr=0.1, loss_fn=F.cross_entropy)
     x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+
+    def feed(key):
+        if reads is not None:
+            reads.append((key[0], key[1], it.position))
+        return (x if key[0] == "input" else y)[key[1] * 4 : (key[1] + 1) * 4]
+
     it = Interpreter(
         stage,
         build_schedule("wop", 1, 2, 1).stages[0],
         LocalTransport(),
-        feed=lambda key: (x if key[0] == "input" else y)[key[1] * 4 : (key[1] + 1) * 4],
+        feed=feed,
         clock=lambda: next(ticks) * step,
         origin=0.0,
-        pace=lambda action: pace,
+        pace=None if pace is None else lambda action: pace,
     )
     it.run()
     return it
@@ -48,6 +57,21 @@ def test_an_action_lasts_at_least_its_emulated_time():
     assert len(it.records) == 5  # F0 F1 B0 B1 U
     assert all(r.end - r.start >= 1.0 for r in it.records)
     assert it.overruns == 0
+
+
+def test_the_next_actions_data_is_read_while_this_one_waits_out_its_time():
+    def reads_of_microbatch_1(pace: float | None) -> tuple[list[tuple[str, int, int]], int]:
+        reads: list[tuple[str, int, int]] = []
+        it = _one_stage_run(pace=pace, step=0.25, reads=reads)
+        f1 = next(i for i, a in enumerate(it.actions) if a.kind == "F" and a.microbatches == (1,))
+        return [r for r in reads if r[1] == 1], f1
+
+    reads, f1 = reads_of_microbatch_1(1.0)  # read while the action before F1 waits
+    assert f1 > 0 and reads == [("input", 1, f1 - 1), ("target", 1, f1 - 1)]
+    reads, f1 = reads_of_microbatch_1(None)  # no emulated time: nothing to hide it in
+    assert reads == [("input", 1, f1), ("target", 1, f1)]
+    reads, f1 = reads_of_microbatch_1(0.1)  # overruns: no time left to read ahead
+    assert reads == [("input", 1, f1), ("target", 1, f1)]
 
 
 def test_host_compute_beyond_the_emulated_time_is_an_overrun():
