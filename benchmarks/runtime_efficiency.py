@@ -69,6 +69,9 @@ def _count(microbatches: str) -> int:
     return total
 
 
+CLOCK_SLACK_US = 50  # a consumer may start this much before its producer's end (clock reads)
+
+
 class Action(NamedTuple):
     kind: str  # the trace's category: forward, backward, update
     stage: int
@@ -76,6 +79,11 @@ class Action(NamedTuple):
     start: float  # µs, clocks aligned
     end: float
     due: float  # its emulated duration, µs
+
+    @property
+    def emulated_end(self) -> float:
+        """When its output is usable by a neighbour (held until then)."""
+        return self.start + self.due
 
 
 def _actions(run_dir: Path, cycle_s: float) -> list[Action]:
@@ -119,7 +127,7 @@ def where_time_goes(run_dir: Path, cycle_s: float) -> dict:
         if a.kind == "update" or not 0 <= src < stages:
             return None
         usable = [p for p in outputs.get((a.kind, src, a.microbatches), ())
-                  if p.start + p.due <= a.start + 50]  # fmt: skip
+                  if p.emulated_end <= a.start + CLOCK_SLACK_US]  # fmt: skip
         return max(usable, key=lambda p: p.start, default=None)
 
     a = max(acts, key=lambda a: a.end)
@@ -132,8 +140,8 @@ def where_time_goes(run_dir: Path, cycle_s: float) -> dict:
         own, prod = previous[a], producer(a)
         if own is None and prod is None:
             break
-        if prod is not None and (own is None or prod.start + prod.due > own.end):
-            handovers.append(a.start - prod.start - prod.due)
+        if prod is not None and (own is None or prod.emulated_end > own.end):
+            handovers.append(a.start - prod.emulated_end)
             a = prod
         else:
             dispatches.append(a.start - own.end)
