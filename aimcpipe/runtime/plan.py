@@ -10,15 +10,17 @@ state. What comes back is a :class:`StageReport` per epoch.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import torch
 from torch import nn
 
 from aimcpipe.runtime.interpreter import ActionRecord
-from aimcpipe.scheduler import CostModel, Schedule, build_schedule
+from aimcpipe.scheduler import Action, CostModel, Schedule, build_schedule
 from aimcpipe.stages.stage import LossFn, StageCounters
 
 __all__ = ["EpochPlan", "EvalPlan", "EvalResult", "StageReport", "StageSpec", "shifted"]
@@ -123,6 +125,70 @@ class StageReport:
     def shift(self, offset: float) -> None:
         """Move every time by ``offset`` seconds (onto another clock)."""
         self.records = shifted(self.records, offset)
+
+    # A report crosses processes after every epoch, between the epoch's last action and the
+    # next epoch's first. Pickled as it is, object by object (an epoch holds a record, an
+    # action and a stats dict per action), it took ~3 ms per 500 actions to write on a 2-core
+    # VM; packed into a few flat arrays it takes a fraction of that.
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["records"] = _pack_records(self.records)
+        state["stats"] = _pack_stats(self.stats)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        state["records"] = _unpack_records(state["stage"], state["records"])
+        state["stats"] = _unpack_stats(state["stats"])
+        self.__dict__.update(state)
+
+
+def _pack_records(records: Sequence[ActionRecord]) -> tuple[str, array, array]:
+    """Kinds (one letter each), micro-batches (count, then the indices, per action) and
+    times (start, end per action). The actions are all the report's stage's."""
+    kinds = "".join(r.action.kind for r in records)
+    mbs = array("q")
+    times = array("d")
+    for r in records:
+        m = r.action.microbatches
+        mbs.append(len(m))
+        mbs.extend(m)
+        times.append(r.start)
+        times.append(r.end)
+    return kinds, mbs, times
+
+
+def _unpack_records(stage: int, packed: tuple[str, array, array]) -> list[ActionRecord]:
+    kinds, mbs, times = packed
+    records = []
+    at = 0
+    for i, kind in enumerate(kinds):
+        count = mbs[at]
+        action = Action._fast(kind, stage, tuple(mbs[at + 1 : at + 1 + count]))  # type: ignore[arg-type]
+        at += 1 + count
+        records.append(ActionRecord(action, times[2 * i], times[2 * i + 1]))
+    return records
+
+
+def _pack_stats(stats: list[dict[str, float]]) -> Any:
+    """The per-micro-batch statistics as their keys and one flat array of values, when every
+    micro-batch has the same keys (as they do); else as they are."""
+    if not stats:
+        return stats
+    keys = tuple(stats[0])
+    if any(tuple(d) != keys for d in stats):
+        return stats
+    return keys, array("d", (d[k] for d in stats for k in keys))
+
+
+def _unpack_stats(packed: Any) -> list[dict[str, float]]:
+    if isinstance(packed, list):
+        return packed
+    keys, values = packed
+    width = len(keys)
+    return [
+        dict(zip(keys, values[i : i + width], strict=True)) for i in range(0, len(values), width)
+    ]
 
 
 def shifted(records: Sequence[ActionRecord], offset: float) -> list[ActionRecord]:

@@ -336,7 +336,12 @@ class RemoteBackend(Backend):
     ) -> list[Any]:
         timeout = self.options.timeout_s
         grace = min(2.0, 0.25 * timeout)
-        calls = {h.stage: h.submit(method, *a) for h, a in zip(self.handles, args, strict=True)}
+        # the last stage first: a stage hosted in this process (torch rank 0's stage 0)
+        # starts at once and then shares the GIL with this thread, which still has the
+        # others' commands to pickle and send (measured on a 2-core VM: posting an epoch to
+        # rank 1 took 0.4-0.5 ms before stage 0 started, 1-5 ms after it had)
+        pairs = list(zip(self.handles, args, strict=True))
+        calls = {h.stage: h.submit(method, *a) for h, a in reversed(pairs)}
         values: dict[int, Any] = {}
         failures: dict[int, dict[str, Any]] = {}
         seen: dict[int, tuple[Any, float]] = {}
