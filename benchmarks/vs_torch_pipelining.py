@@ -477,19 +477,31 @@ class Ours:
         self.pipe.close()
 
 
-def hop_latencies(records: list[list[Any]]) -> list[float]:
-    """Per message whose receiver had nothing else to do: from the end of the sending action
-    to the start of the action that needed it (send, transfer, receive, interpreter)."""
+def _with_sources(records: list[list[Any]]) -> list[list[tuple[Any, Any, float | None]]]:
+    """Per stage, each action as ``(previous action on the stage or None, action, end of
+    the neighbour's action whose message it needs, or None where it needs none)``."""
     ends = {(r.action.kind, s, r.action.microbatches): r.end for s, rs in enumerate(records)
             for r in rs}  # fmt: skip
-    hops = []
+    out = []
     for s, rs in enumerate(records):
+        row = []
         for prev, r in zip([None, *rs[:-1]], rs, strict=True):
             kind, mbs = r.action.kind, r.action.microbatches
             src = (kind, s - 1, mbs) if kind == "F" else (kind, s + 1, mbs)
-            if kind in "FB" and src in ends and (prev is None or prev.end <= ends[src]):
-                hops.append(r.start - ends[src])
-    return hops
+            row.append((prev, r, None if kind == "U" else ends.get(src)))
+        out.append(row)
+    return out
+
+
+def hop_latencies(records: list[list[Any]]) -> list[float]:
+    """Per message whose receiver had nothing else to do: from the end of the sending action
+    to the start of the action that needed it (send, transfer, receive, interpreter)."""
+    return [
+        r.start - sent
+        for row in _with_sources(records)
+        for prev, r, sent in row
+        if sent is not None and (prev is None or prev.end <= sent)
+    ]
 
 
 def handover_gaps(records: list[list[Any]], hop_s: float) -> list[list[float]]:
@@ -498,18 +510,14 @@ def handover_gaps(records: list[list[Any]], hop_s: float) -> list[list[float]]:
     ``hop_s`` before the previous one did, so it had arrived. Such a gap is the stage's own
     overhead between two actions: sending the previous action's output, taking in the
     message (or reading the data), the interpreter."""
-    ends = {(r.action.kind, s, r.action.microbatches): r.end for s, rs in enumerate(records)
-            for r in rs}  # fmt: skip
-    out = []
-    for s, rs in enumerate(records):
-        gaps = []
-        for prev, r in pairwise(rs):
-            kind, mbs = r.action.kind, r.action.microbatches
-            src = (kind, s - 1, mbs) if kind == "F" else (kind, s + 1, mbs)
-            if kind == "U" or src not in ends or ends[src] + hop_s <= prev.end:
-                gaps.append(r.start - prev.end)
-        out.append(gaps)
-    return out
+    return [
+        [
+            r.start - prev.end
+            for prev, r, sent in row
+            if prev is not None and (sent is None or sent + hop_s <= prev.end)
+        ]
+        for row in _with_sources(records)
+    ]
 
 
 # --- CPU accounting: ours, and everyone else's on this shared machine ---------------------------

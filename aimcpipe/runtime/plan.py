@@ -128,7 +128,7 @@ class StageReport:
 
     # A report crosses processes after every epoch, between the epoch's last action and the
     # next epoch's first. Pickled as it is, object by object (an epoch holds a record, an
-    # action and a stats dict per action), it took ~3 ms per 500 actions to write on a 2-core
+    # action and a stats dict per action), 544 records took 2.4 ms to write on a 2-core
     # VM; packed into a few flat arrays it takes a fraction of that.
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
