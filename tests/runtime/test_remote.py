@@ -126,3 +126,31 @@ def test_the_scheduler_sleeps_in_a_blocking_wait_not_in_naps(monkeypatch):
     assert backend._gather("run_epoch", [(), ()], epoch=True, watch=None) == ["a", "b"]
     assert len(inline.waited) == 3 and all(0 < t <= 0.05 for t in inline.waited)
     assert len(naps) == 5 - 3 and naps[0] == 0.0005  # after the blocking call, short naps
+
+
+def test_a_stage_process_imports_the_same_aimcpipe_as_its_parent(tmp_path, monkeypatch):
+    """A decoy ``aimcpipe`` in the working directory (say, another checkout) must not be what
+    the spawned stage processes import."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    import aimcpipe
+    from aimcpipe.runtime.backends.torch_dist import child_python, child_pythonpath
+
+    decoy = tmp_path / "aimcpipe"
+    decoy.mkdir()
+    (decoy / "__init__.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    env = dict(os.environ, PYTHONPATH=child_pythonpath())
+    out = subprocess.run(
+        child_python("-c", "import aimcpipe; print(aimcpipe.__file__)"),
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.strip()
+    assert Path(out).resolve() == Path(aimcpipe.__file__).resolve()
+    assert str(tmp_path) in child_pythonpath().split(os.pathsep)  # a user's modules still import

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+import aimcpipe
 from aimcpipe.errors import ConfigError, StageFailure
 from aimcpipe.runtime.backends.remote import Answer, Handle, RemoteBackend, store_progress
 from aimcpipe.runtime.host import StageHost, error_info, process_info
@@ -367,10 +368,25 @@ class TorchBackend(RemoteBackend):
             atexit.unregister(self.close)
 
 
+def child_python(*args: str) -> list[str]:
+    """The command line of a stage process: this interpreter with ``-P``, so that the working
+    directory does not go first on its path (see :func:`child_pythonpath`)."""
+    return [sys.executable, "-P", *args]
+
+
+def child_pythonpath() -> str:
+    """The PYTHONPATH of a stage process: first the folder this process imported aimcpipe
+    from, so both run the same code (not another checkout's in the working directory), then
+    this process's own path, then the working directory (where a user's model module may
+    live)."""
+    root = str(Path(aimcpipe.__file__).resolve().parent.parent)
+    paths = [p for p in [root, *sys.path, os.getcwd()] if p and os.path.isdir(p)]
+    return os.pathsep.join(dict.fromkeys(paths))
+
+
 def _spawn(rank: int, world: int, port: int, prefix: str, logs: Path) -> subprocess.Popen[bytes]:
     """Start rank ``rank`` as ``python -m aimcpipe.runtime.backends.torch_dist``."""
     env = dict(os.environ)
-    paths = [p for p in [os.getcwd(), *sys.path] if p and os.path.isdir(p)]
     env.update(
         RANK=str(rank),
         WORLD_SIZE=str(world),
@@ -379,7 +395,7 @@ def _spawn(rank: int, world: int, port: int, prefix: str, logs: Path) -> subproc
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
         AIMCPIPE_PREFIX=prefix,
-        PYTHONPATH=os.pathsep.join(dict.fromkeys(paths)),
+        PYTHONPATH=child_pythonpath(),
         TORCH_CPP_LOG_LEVEL=os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR"),
         OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
     )
@@ -387,7 +403,7 @@ def _spawn(rank: int, world: int, port: int, prefix: str, logs: Path) -> subproc
     env.pop("TORCHELASTIC_USE_AGENT_STORE", None)
     with (logs / f"rank{rank}.log").open("wb") as log_file:
         return subprocess.Popen(
-            [sys.executable, "-m", "aimcpipe.runtime.backends.torch_dist"],
+            child_python("-m", "aimcpipe.runtime.backends.torch_dist"),
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=log_file,
