@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aimcpipe.analog.layers import AnalogConv2d, AnalogLayer, AnalogLinear
+from aimcpipe.stages.deferred_linear import DeferredLinear
 from aimcpipe.stages.zoo import BasicBlock
 
 __all__ = ["deterministic_loss", "draws_global_random", "loss_draws_global_random"]
@@ -64,7 +65,7 @@ def draws_global_random(module: nn.Module) -> bool:
     module of a type not known to draw nothing, or any module hook (a hook is user code)."""
     if _global_hooks():
         return True
-    known = _DETERMINISTIC | {AnalogLinear, AnalogConv2d, BasicBlock}
+    known = _DETERMINISTIC | {AnalogLinear, AnalogConv2d, BasicBlock, DeferredLinear}
     stack = [module]
     while stack:
         m = stack.pop()

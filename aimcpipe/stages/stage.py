@@ -5,8 +5,10 @@ order its schedule gives:
 
 * ``forward(n, x)`` runs the blocks and keeps the autograd graph (the *activation stash*)
   until ``backward(n)``; the last stage also computes the loss against the target.
-* ``backward(n, grad)`` back-propagates. Analog layers record their (x, d) pairs and digital
-  parameters their gradients; the stage moves both into its *pending update stash* keyed by
+* ``backward(n, grad)`` back-propagates. Analog layers and plain digital ``nn.Linear``
+  layers record their (x, d) pairs (the weight gradient of a linear layer is formed at the
+  update, :mod:`~aimcpipe.stages.deferred_linear`) and other digital parameters their
+  gradients; the stage moves both into its *pending update stash* keyed by
   micro-batch, so nothing is applied yet.
 * ``update(ns)`` applies the pending updates of micro-batches ``ns`` as one update at
   ``lr / len(ns)`` (the mean of their requested updates, each sample's magnitude still
@@ -45,6 +47,7 @@ from aimcpipe.analog.tile import AnalogTile
 from aimcpipe.errors import ScheduleError
 from aimcpipe.seeding import derive_seed
 from aimcpipe.stages.backprop import prepare, run_backward
+from aimcpipe.stages.deferred_linear import apply_pending, defer_linear_gradients
 from aimcpipe.stages.randomness import draws_global_random, loss_draws_global_random
 
 __all__ = ["LossFn", "LossStats", "Stage", "StageCounters", "summarize"]
@@ -147,7 +150,14 @@ class Stage:
         self.index = index
         self.num_stages = num_stages
         self.names = tuple(name for name, _ in blocks)
-        self.modules = nn.ModuleList([module for _, module in blocks])
+        analog_weights = {
+            id(m.anchor)
+            for _, block in blocks
+            for m in block.modules()
+            if isinstance(m, AnalogLayer)
+        }
+        modules, self._linears = defer_linear_gradients([m for _, m in blocks], analog_weights)
+        self.modules = nn.ModuleList(modules)
         self.is_first = index == 0
         self.is_last = index == num_stages - 1
         if self.is_last and loss_fn is None:
@@ -161,6 +171,7 @@ class Stage:
         self._tiles = [m for m in self.modules.modules() if isinstance(m, AnalogTile)]
         # each analog layer's list of recorded (x, d), read without nn.Module lookups
         self._records_of = [layer.analog.pending for layer in self.analog]
+        self._records_of += [layer.pending for layer in self._linears]
         # storages of weights, which autograd also saves but are not activations (updates are
         # in place, so these stay valid; build stages after moving the model to its device)
         self._weight_storages = {t.untyped_storage().data_ptr() for t in self._weight_tensors()}
@@ -381,6 +392,10 @@ class Stage:
         for i, layer in enumerate(self.analog):
             layer.analog.pending[:] = [rec for records, _ in entries for rec in records[i]]
             layer.analog.apply_pending(self.lr, scale)
+        for i, linear in enumerate(self._linears, start=len(self.analog)):
+            apply_pending(
+                linear, [rec for records, _ in entries for rec in records[i]], -self.lr * scale
+            )
         # the group's running sum (all or some of its micro-batches), then any kept apart
         summed = self._sums.pop(tuple(microbatches), None)
         for j, p in enumerate(self.digital):
