@@ -83,12 +83,11 @@ class DeferredLinear(nn.Linear):
 
 def defer_linear_gradients(
     blocks: Sequence[nn.Module],
-    skip: set[int] = frozenset(),  # type: ignore[assignment]
 ) -> tuple[list[nn.Module], list[DeferredLinear]]:
-    """``blocks`` with every plain ``nn.Linear`` inside (but those whose weight's ``id`` is in
-    ``skip``) swapped for a :class:`DeferredLinear`, and the layers swapped in, in module
-    order. Only the modules on a path to a swapped layer are copied (shallowly); a block
-    without one is returned as it is. A layer used twice is swapped once."""
+    """``blocks`` with every plain ``nn.Linear`` inside (the exact type: analog layers
+    and other subclasses are not) swapped for a :class:`DeferredLinear`, and the layers
+    swapped in, in module order. Only the modules on a path to a swapped layer are copied
+    (shallowly); a block without one is returned as it is. A layer used twice is swapped once."""
     swapped: dict[int, nn.Module] = {}
     layers: list[DeferredLinear] = []
 
@@ -97,7 +96,7 @@ def defer_linear_gradients(
         if key in swapped:
             return swapped[key]
         out = module
-        if type(module) is nn.Linear and id(module.weight) not in skip:
+        if type(module) is nn.Linear:
             out = DeferredLinear.sharing(module)
             layers.append(out)
         else:

@@ -150,13 +150,7 @@ class Stage:
         self.index = index
         self.num_stages = num_stages
         self.names = tuple(name for name, _ in blocks)
-        analog_weights = {
-            id(m.anchor)
-            for _, block in blocks
-            for m in block.modules()
-            if isinstance(m, AnalogLayer)
-        }
-        modules, self._linears = defer_linear_gradients([m for _, m in blocks], analog_weights)
+        modules, self._linears = defer_linear_gradients([m for _, m in blocks])
         self.modules = nn.ModuleList(modules)
         self.is_first = index == 0
         self.is_last = index == num_stages - 1
