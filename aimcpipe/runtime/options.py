@@ -97,14 +97,17 @@ class DeviceTime:
 class RayOptions:
     """The Ray backend: ``address`` of a running cluster to join (``None``: start a local Ray
     on 127.0.0.1 with no dashboard and no usage reporting); resources per stage actor
-    (fractions allowed)."""
+    (fractions allowed). ``connect_timeout_s``: how long joining the cluster at ``address``
+    may take before the run stops, naming the address."""
 
     address: str | None = None
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    connect_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.address is not None and (not isinstance(self.address, str) or not self.address):
             raise ConfigError(f"address: must be a cluster address string, got {self.address!r}")
         _positive("num_cpus", self.num_cpus, allow_zero=True)
         _positive("num_gpus", self.num_gpus, allow_zero=True)
+        _positive("connect_timeout_s", self.connect_timeout_s)
