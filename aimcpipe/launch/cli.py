@@ -12,6 +12,7 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 # torch's OpenMP worker threads spin while they wait for work. On a machine that is busy with
@@ -24,6 +25,12 @@ from aimcpipe import __version__
 from aimcpipe.errors import AimcpipeError
 
 __all__ = ["main"]
+
+DEBUG_ENV = "AIMCPIPE_DEBUG"
+DEBUG_HELP = (
+    f"on an error, print the full Python traceback (also: {DEBUG_ENV}=1); without it, an "
+    "error is one line"
+)
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -68,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="aimcpipe", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"aimcpipe {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (module_name, help_text) in COMMANDS.items():
         try:
@@ -78,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
             continue  # command not built yet
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
+        # after the command too; SUPPRESS keeps `aimcpipe --debug CMD` working
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
         p.set_defaults(_run=module.run)
     return parser
 
@@ -97,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         forced()  # a bad AIMCPIPE_COUNT_KERNEL fails here, not at the first pulsed update
         return int(args._run(args) or 0)
     except AimcpipeError as exc:
+        if args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            _print_debug(exc)
         print(f"aimcpipe {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -112,3 +124,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"aimcpipe {args.command}: error: cannot write or read{where}: {reason}",
               file=sys.stderr)  # fmt: skip
         return 2
+
+
+def _print_debug(exc: AimcpipeError) -> None:
+    """The traceback behind a one-line error: the exception chain (user code's exception
+    first) and a traceback sent back by a stage process or actor."""
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None:
+        traceback.print_exception(cause, file=sys.stderr)
+    else:
+        traceback.print_exception(exc, file=sys.stderr)
+    if exc.details:
+        print(exc.details.rstrip(), file=sys.stderr)

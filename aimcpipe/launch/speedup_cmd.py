@@ -38,6 +38,7 @@ from aimcpipe.launch.train_config import (
     parse_overrides,
 )
 from aimcpipe.runtime.options import BACKENDS
+from aimcpipe.runtime.ray_address import parse_ray_address
 
 __all__ = ["add_arguments", "run"]
 
@@ -155,8 +156,7 @@ def run(args: argparse.Namespace) -> int:
         overrides = list(args.overrides)
         names: dict[str, str] = {}
         if args.ray_address is not None:
-            if not args.ray_address.strip():
-                raise ConfigError("--ray-address: give a cluster address (host:port, auto)")
+            parse_ray_address(args.ray_address, "--ray-address")
             overrides.append(f"ray.address={json.dumps(args.ray_address)}")  # JSON is YAML
         cycle_s = None
         if args.cycle_s is not None:

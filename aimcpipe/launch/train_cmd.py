@@ -21,6 +21,7 @@ from aimcpipe.launch.train_config import check_run_size
 from aimcpipe.runtime.backends.torch_dist import World, release_world, serve
 from aimcpipe.runtime.checkpoint import CHECKPOINT_NAME
 from aimcpipe.runtime.options import BACKENDS
+from aimcpipe.runtime.ray_address import parse_ray_address
 from aimcpipe.scheduler import POLICIES
 
 __all__ = ["add_arguments", "run"]
@@ -124,8 +125,8 @@ def _shortcut_values(args: argparse.Namespace) -> dict[str, tuple[str, object]]:
             value = int_flag(flag, text, 1)
         elif flag == "--cycle-s":
             value = number(flag, text, positive=True)
-        elif flag == "--ray-address" and not text.strip():
-            raise ConfigError(f"{flag}: give a cluster address (host:port, ray://..., auto)")
+        elif flag == "--ray-address":
+            parse_ray_address(text, flag)
         out[key] = (flag, value)
     return out
 

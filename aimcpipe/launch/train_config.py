@@ -20,7 +20,7 @@ import yaml
 
 from aimcpipe.analog.config import AnalogConfig
 from aimcpipe.dataconf import from_dict, to_dict
-from aimcpipe.errors import ConfigError
+from aimcpipe.errors import ConfigError, UserCodeError
 from aimcpipe.launch.flags import check_size
 from aimcpipe.runtime.lr import LRSchedule
 from aimcpipe.runtime.options import DeviceTime, RayOptions, RuntimeOptions
@@ -216,8 +216,44 @@ _Loader.add_implicit_resolver(
 )
 
 
+class _DuplicateKey(yaml.YAMLError):
+    """A mapping that names one key twice (PyYAML would keep the later value silently)."""
+
+    def __init__(self, path: str, first: int, second: int) -> None:
+        where = f"lines {first} and {second}" if first != second else f"both on line {first}"
+        super().__init__(f"{path}: given twice ({where}); keep one")
+
+
+def _check_duplicates(node: yaml.Node, path: str, seen: set[int]) -> None:
+    if id(node) in seen:  # an alias of a node already checked
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[tuple[str, str], int] = {}
+        for key, value in node.value:
+            name = str(key.value) if isinstance(key, yaml.ScalarNode) else None
+            child = f"{path}.{name}" if path else str(name)
+            if name is not None and key.tag != "tag:yaml.org,2002:merge":
+                line = key.start_mark.line + 1
+                if (key.tag, name) in lines:
+                    raise _DuplicateKey(child, lines[key.tag, name], line)
+                lines[key.tag, name] = line
+            _check_duplicates(value, child, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicates(item, f"{path}[{i}]", seen)
+
+
 def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+    loader = _Loader(text)  # a SafeLoader subclass: no arbitrary objects
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_duplicates(node, "", set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
@@ -235,6 +271,8 @@ def load_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"CONFIG: {path} is not a text file (YAML in UTF-8)") from None
     except OSError as exc:
         raise ConfigError(f"CONFIG: cannot read {path}: {exc.strerror or exc}") from None
+    except _DuplicateKey as exc:
+        raise ConfigError(f"CONFIG: {path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -256,6 +294,8 @@ def parse_overrides(items: Sequence[str]) -> list[tuple[list[str], Any]]:
             raise ConfigError(f"--set: cannot read {item!r}; write key.path=value (e.g. epochs=5)")
         try:
             value = _yaml(text) if text.strip() else None
+        except _DuplicateKey as exc:
+            raise ConfigError(f"--set: {key}={text!r}: {exc}") from None
         except yaml.YAMLError:
             raise ConfigError(f"--set: {key}={text!r} is not a YAML value") from None
         out.append((path, value))
@@ -311,6 +351,8 @@ def _model_size(cfg: TrainConfig) -> tuple[int, int, int] | None:
     try:
         with torch.device("meta"):
             model = build_model(cfg.model.target, cfg.model.kwargs, seed=cfg.seed)
+    except UserCodeError:  # e.g. a factory that needs real tensors: the real build reports
+        return None
     except ConfigError:
         raise
     except Exception:  # the real build reports it, with its own message

@@ -102,8 +102,10 @@ def error_info(exc: BaseException, stage: int) -> dict[str, Any]:
     if not message.startswith(f"stage {stage}"):
         message = f"stage {stage}: {message}"
     info = {"kind": "error", "peer": None, "stage": stage, "message": message.replace("\n", " ")}
-    if not isinstance(exc, AimcpipeError):
-        info["traceback"] = "".join(traceback.format_exception(exc))
+    if not isinstance(exc, AimcpipeError) or exc.__cause__ is not None:
+        info["traceback"] = f"traceback of stage {stage}:\n" + "".join(
+            traceback.format_exception(exc)
+        )
     return info
 
 

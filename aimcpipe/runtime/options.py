@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from aimcpipe.errors import ConfigError
+from aimcpipe.runtime.ray_address import parse_ray_address
 
 __all__ = ["BACKENDS", "DeviceTime", "RayOptions", "RuntimeOptions"]
 
@@ -106,8 +107,8 @@ class RayOptions:
     connect_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
-        if self.address is not None and (not isinstance(self.address, str) or not self.address):
-            raise ConfigError(f"address: must be a cluster address string, got {self.address!r}")
+        if self.address is not None:
+            parse_ray_address(self.address, "address")  # refused here, before anything starts
         _positive("num_cpus", self.num_cpus, allow_zero=True)
         _positive("num_gpus", self.num_gpus, allow_zero=True)
         _positive("connect_timeout_s", self.connect_timeout_s)

@@ -30,7 +30,7 @@ from torch import nn
 
 from aimcpipe.analog.layers import AnalogLayer
 from aimcpipe.analog.rules import TikiTakaWeight
-from aimcpipe.errors import ConfigError
+from aimcpipe.errors import ConfigError, user_code_error
 from aimcpipe.stages.blocks import pipeline_blocks
 
 __all__ = [
@@ -372,10 +372,6 @@ def register_partitioner(name: str, fn: Partitioner, *, replace: bool = False) -
 # checking and assembling
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())
-
-
 def _as_int(value: Any) -> int | None:
     if isinstance(value, bool):
         return None
@@ -479,7 +475,7 @@ def _call(
     except ConfigError:
         raise
     except Exception as exc:
-        raise ConfigError(f"partition: {label} raised {_one_line(exc)}") from exc
+        raise user_code_error("partition", label, exc) from exc
 
 
 def partition(

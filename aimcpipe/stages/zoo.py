@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aimcpipe.errors import ConfigError
+from aimcpipe.errors import AimcpipeError, ConfigError, UserCodeError, user_code_error
 from aimcpipe.seeding import derive_seed
 
 __all__ = [
@@ -235,7 +235,18 @@ def resolve_factory(path: str) -> Callable[..., nn.Module]:
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
+        missing = exc.name or ""
+        if missing != module_name and not module_name.startswith(missing + "."):
+            # the module exists but an import inside it failed: that is the user's code
+            raise user_code_error("model.factory", f"importing {module_name}", exc) from exc
         raise ConfigError(f"model.factory: cannot import module {module_name!r} ({exc})") from None
+    except SyntaxError as exc:
+        where = f" ({exc.filename}, line {exc.lineno})" if exc.filename else ""
+        raise UserCodeError(
+            f"model.factory: module {module_name!r} has a syntax error{where}: {exc.msg}"
+        ) from exc
+    except Exception as exc:  # the module raised while it was imported
+        raise user_code_error("model.factory", f"importing {module_name}", exc) from exc
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ConfigError(f"model.factory: module {module_name!r} has no attribute {attr!r}")
@@ -313,7 +324,11 @@ def build_model(
         except TypeError as exc:  # a value of the wrong type reached the builder
             args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
             message = f"model.kwargs: {what} failed with {args or 'no kwargs'}: {exc}"
-            raise ConfigError(" ".join(message.split())) from exc
+            raise UserCodeError(" ".join(message.split())) from exc
+        except AimcpipeError:
+            raise
+        except Exception as exc:
+            raise user_code_error(key, what.strip("'"), exc) from exc
     if not isinstance(model, nn.Module):
         raise ConfigError(f"{key}: {what} returned {type(model).__name__}, not a torch.nn.Module")
     return model

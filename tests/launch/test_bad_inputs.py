@@ -155,3 +155,238 @@ def test_a_learning_rate_beyond_float32_is_refused(capsys):
 def test_a_shortcut_flag_is_named_as_typed(capsys):
     _one_line(capsys, ["train", CONFIG, "--stages", "9", "--dry-run"], "--stages: 9 stages")
     _one_line(capsys, ["train", CONFIG, "--epochs", "1.5", "--dry-run"], "--epochs")
+
+
+# ---- user code that raises: one line naming the callable, --debug for the traceback ----------
+
+USER_MODULE = """
+import torch
+from torch import nn
+
+
+def build():
+    raise RuntimeError("broken factory")
+
+
+class Boom(nn.Module):
+    def forward(self, x):
+        raise ValueError("bad forward")
+
+
+def boom():
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10), Boom())
+
+
+class _BadGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise ArithmeticError("bad backward")
+
+
+class BadBackward(nn.Module):
+    def forward(self, x):
+        return _BadGradient.apply(x)
+
+
+def bad_backward():
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10), BadBackward()
+    )
+"""
+
+
+@pytest.fixture
+def user_code(tmp_path, monkeypatch):
+    """A folder on sys.path holding user modules; returns a writer of (name, source)."""
+    import importlib
+    import sys
+    import uuid
+
+    folder = tmp_path / "user"
+    folder.mkdir()
+    monkeypatch.syspath_prepend(str(folder))
+    names = []
+
+    def write(source: str) -> str:
+        name = f"umod_{uuid.uuid4().hex[:8]}"  # a fresh module: nothing cached from before
+        (folder / f"{name}.py").write_text(source)
+        names.append(name)
+        importlib.invalidate_caches()
+        return name
+
+    yield write
+    for name in names:
+        sys.modules.pop(name, None)
+
+
+def _factory_config(tmp_path, factory: str, **sections) -> str:
+    import yaml
+
+    data = {"model": {"factory": factory}, "data": {"limit_train": 128, "limit_test": 64}}
+    data.update(sections)
+    path = tmp_path / "user.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def _assert_no_results(out) -> None:
+    assert not (out / "results.json").exists()
+    assert not (out / "checkpoint.pt").exists()
+
+
+def test_a_factory_that_raises_is_one_line_naming_it(capsys, tmp_path, user_code):
+    mod = user_code(USER_MODULE)
+    out = tmp_path / "out"
+    err = _one_line(capsys, ["train", _factory_config(tmp_path, f"{mod}:build"), "--out", str(out)])
+    assert err.endswith(f"model.factory: {mod}:build raised RuntimeError: broken factory"), err
+    _assert_no_results(out)
+
+
+@pytest.mark.parametrize(
+    "source, needles",
+    [
+        ("def build(:\n    pass\n", ["has a syntax error", "line 1"]),
+        ("raise KeyError('at import')\n", ["importing", "raised KeyError: 'at import'"]),
+        ("import no_such_dependency_zz\n", ["importing", "No module named 'no_such_dependency"]),
+    ],
+    ids=["syntax-error", "raises-on-import", "missing-dependency"],
+)
+def test_a_factory_module_that_cannot_be_imported_is_one_line(
+    capsys, tmp_path, user_code, source, needles
+):
+    mod = user_code(source)
+    out = tmp_path / "out"
+    _one_line(capsys, ["train", _factory_config(tmp_path, f"{mod}:build"), "--out", str(out)],
+              "model.factory", mod, *needles)  # fmt: skip
+    assert not out.exists()
+
+
+def test_a_missing_factory_module_is_still_told_apart_from_a_broken_one(capsys, tmp_path):
+    _one_line(capsys, ["train", _factory_config(tmp_path, "no_such_module_zz:build")],
+              "cannot import module 'no_such_module_zz'")  # fmt: skip
+
+
+def test_a_user_module_whose_forward_raises_is_named_by_stage(capsys, tmp_path, user_code):
+    mod = user_code(USER_MODULE)
+    cfg = _factory_config(tmp_path, f"{mod}:boom", pipeline={"stages": 2})
+    out = tmp_path / "out"
+    _one_line(capsys, ["train", cfg, "--out", str(out)], "stage 1", "ValueError: bad forward")
+    _assert_no_results(out)
+
+
+@pytest.mark.parametrize("backend", ["local", "torch"])
+def test_a_user_module_whose_backward_raises_is_named_by_stage_and_action(
+    capsys, tmp_path, user_code, backend
+):
+    mod = user_code(USER_MODULE)
+    cfg = _factory_config(tmp_path, f"{mod}:bad_backward", pipeline={"stages": 2})
+    out = tmp_path / "out"
+    argv = ["train", cfg, "--backend", backend, "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("aimcpipe train: error: stage 1: 1B"), err
+    assert err[-1].endswith("failed: ArithmeticError: bad backward"), err
+    assert not any(line.startswith("Traceback") for line in err), err
+    _assert_no_results(out)
+
+
+@pytest.mark.parametrize("how", ["flag-after", "flag-before", "env"])
+def test_debug_shows_the_user_code_traceback(capsys, tmp_path, user_code, monkeypatch, how):
+    mod = user_code(USER_MODULE)
+    argv = ["train", _factory_config(tmp_path, f"{mod}:build"), "--out", str(tmp_path / "o")]
+    if how == "flag-after":
+        argv.append("--debug")
+    elif how == "flag-before":
+        argv.insert(0, "--debug")
+    else:
+        monkeypatch.setenv("AIMCPIPE_DEBUG", "1")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err, err
+    assert 'raise RuntimeError("broken factory")' in err, err  # the user's own line
+    assert err.strip().splitlines()[-1].endswith("raised RuntimeError: broken factory"), err
+
+
+def test_debug_shows_the_traceback_a_stage_process_sent(capsys, tmp_path, user_code):
+    mod = user_code(USER_MODULE)
+    cfg = _factory_config(tmp_path, f"{mod}:bad_backward", pipeline={"stages": 2})
+    argv = ["--debug", "train", cfg, "--backend", "torch", "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "traceback of stage 1" in err, err
+    assert 'raise ArithmeticError("bad backward")' in err, err
+
+
+# ---- YAML: a key given twice is refused, naming it and both lines ----------------------------
+
+
+@pytest.mark.parametrize(
+    "text, needles",
+    [
+        ("model: {name: digits-fcn}\nseed: 1\nepochs: 1\nseed: 2\n", ["seed", "lines 2 and 4"]),
+        (
+            "model: {name: digits-fcn}\npipeline:\n  stages: 2\n  policy: wop\n  stages: 3\n",
+            ["pipeline.stages", "lines 3 and 5"],
+        ),
+        ("model: {name: digits-fcn, name: lsq}\n", ["model.name", "both on line 1"]),
+        (
+            "model: {name: digits-fcn}\ncost:\n  forward: [1, 2]\nanalog:\n  device:\n"
+            "    tau: 0.5\n  device:\n    tau: 0.7\n",
+            ["analog.device", "lines 5 and 7"],
+        ),
+    ],
+    ids=["top", "nested", "flow", "section"],
+)
+def test_a_duplicate_yaml_key_is_refused_naming_its_path_and_lines(capsys, tmp_path, text, needles):
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    out = tmp_path / "out"
+    _one_line(capsys, ["train", str(path), "--out", str(out)], "given twice", *needles)
+    assert not out.exists()
+
+
+def test_a_yaml_merge_key_is_not_a_duplicate(tmp_path):
+    from aimcpipe.launch.train_config import load_config
+
+    path = tmp_path / "merge.yaml"
+    path.write_text("base: &b {lr: 0.1, lr_schedule: {kind: step}}\noptim:\n  <<: *b\n  lr: 0.2\n")
+    assert load_config(path)["optim"]["lr"] == 0.2
+
+
+def test_a_duplicate_key_in_a_set_value_is_refused(capsys):
+    _one_line(capsys, ["train", CONFIG, "--set", "optim={lr: 1, lr: 2}"], "--set", "lr", "twice")
+
+
+# ---- Ray cluster addresses: read before anything starts, reached in bounded time -------------
+
+
+@pytest.mark.parametrize(
+    "address, needle",
+    [
+        ("no such host", "has no port"),
+        ("10.0.0.5", "has no port"),
+        ("10.0.0.5:0", "port must be a number from 1 to 65535"),
+        ("10.0.0.5:http", "port must be a number"),
+        ("ray://10.0.0.5:10001", "Ray Client address"),
+        ("http://10.0.0.5:6379", "has a scheme"),
+        ("::1:6379", "IPv6 host in brackets"),
+        ("[not-v6]:6379", "not an IPv6 address"),
+        ("bad_host!:6379", "not a host name or IP address"),
+    ],
+)
+@pytest.mark.parametrize("command", ["train", "speedup"])
+def test_a_malformed_ray_address_is_refused_before_anything_starts(
+    capsys, tmp_path, command, address, needle
+):
+    out = tmp_path / "out"
+    argv = [command, CONFIG, "--backend", "ray", "--ray-address", address, "--out", str(out)]
+    _one_line(capsys, argv, "--ray-address", needle)
+    assert not out.exists()
+
+
+def test_a_ray_address_in_the_config_is_checked_with_its_key(capsys, tmp_path):
+    _one_line(capsys, ["train", CONFIG, "--set", "ray.address=somewhere"], "ray.address", "port")

@@ -19,13 +19,24 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import sys
+import threading
+import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
-from aimcpipe.errors import ConfigError, StageFailure
+from aimcpipe.errors import ConfigError, StageFailure, describe_exception
 from aimcpipe.runtime.backends.remote import Answer, Handle, RemoteBackend, store_progress
 from aimcpipe.runtime.host import StageHost, error_info, process_info
 from aimcpipe.runtime.options import RayOptions, RuntimeOptions
+from aimcpipe.runtime.ray_address import (
+    call_within,
+    check_grpc,
+    parse_ray_address,
+    wait_for_port,
+)
 from aimcpipe.runtime.rendezvous import address_towards, connect_store, host_store
 
 __all__ = ["RayBackend", "StageActor", "init_ray", "require_ray"]
@@ -49,15 +60,21 @@ def require_ray() -> None:
         raise ConfigError(f"pipeline.backend: {INSTALL}") from None
 
 
-def _import_ray(local: bool) -> Any:
-    if local:
+def _on_loopback(options: RayOptions) -> bool:
+    return options.address is None or parse_ray_address(options.address).loopback
+
+
+def _import_ray(options: RayOptions) -> Any:
+    """Ray, set up to stay on 127.0.0.1 for a local Ray or a cluster joined at a loopback
+    address (Ray would otherwise swap that address for this machine's external one)."""
+    if options.address is None:
         for key, value in _LOCAL_ENV.items():
             os.environ.setdefault(key, value)
     try:
         import ray
     except ImportError:
         raise ConfigError(f"pipeline.backend: {INSTALL}") from None
-    if local:
+    if _on_loopback(options):
         # read when Ray picks its node address; set here too in case Ray was imported before
         from ray._private import ray_constants
 
@@ -70,7 +87,7 @@ def init_ray(options: RayOptions | None = None, num_cpus: float | None = None) -
     A Ray already initialised in this process is left as it is."""
     options = options or RayOptions()
     local = options.address is None
-    ray = _import_ray(local)
+    ray = _import_ray(options)
     if ray.is_initialized():
         return False
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # inherited by the actors
@@ -84,13 +101,59 @@ def init_ray(options: RayOptions | None = None, num_cpus: float | None = None) -
         kwargs.update(address="local", _node_ip_address="127.0.0.1")
         if num_cpus is not None:
             kwargs["num_cpus"] = num_cpus
-    else:
-        kwargs["address"] = options.address
-    try:
         ray.init(**kwargs)
-    except ConnectionError as exc:
-        raise ConfigError(f"ray.address: cannot join {options.address!r}: {exc}") from None
+        return True
+    join_cluster(ray, options, kwargs)
     return True
+
+
+def join_cluster(ray: Any, options: RayOptions, kwargs: dict[str, Any]) -> None:
+    """``ray.init`` at ``options.address``, within ``options.connect_timeout_s`` in all: first
+    a TCP connection to the address (so an address where nothing listens fails at once with
+    what was tried), then Ray's own handshake. A loopback address stays on loopback."""
+    address = parse_ray_address(options.address)
+    timeout_s = options.connect_timeout_s
+    deadline = time.monotonic() + timeout_s
+    if not address.auto:
+        wait_for_port(address, timeout_s)
+        check_grpc(address, max(0.5, deadline - time.monotonic()))
+    kwargs["address"] = str(address)
+    os.environ.setdefault("RAY_gcs_server_request_timeout_seconds", str(max(1, int(timeout_s))))
+    try:
+        with _init_off_main_thread():
+            call_within(lambda: ray.init(**kwargs), max(0.0, deadline - time.monotonic()), "ray")
+    except TimeoutError:
+        raise ConfigError(
+            f"ray.address: {address} answers, but Ray could not join the cluster there within "
+            f"{timeout_s:g} s (ray.connect_timeout_s); does it run Ray {ray.__version__}, as "
+            "this machine does?"
+        ) from None
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        raise ConfigError(
+            f"ray.address: cannot join {address}: {describe_exception(exc)}"
+        ) from None
+
+
+class _NoSigtermWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIGTERM handler is not set" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _init_off_main_thread() -> Iterator[None]:
+    """``ray.init`` runs in a helper thread (so that it can be given up on); there it cannot
+    install its SIGTERM handler (exit, so that Ray shuts down) and warns. Install the same
+    handler here instead, if SIGTERM has none, and drop the warning."""
+    main = threading.current_thread() is threading.main_thread()
+    if main and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+    quiet = _NoSigtermWarning()
+    logger = logging.getLogger("ray._private.worker")
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 class StageActor:
@@ -180,7 +243,7 @@ class RayBackend(RemoteBackend):
 
     def _launch(self, num_stages: int) -> None:
         options, ropts = self.options, self.ray_options
-        ray = _import_ray(ropts.address is None)
+        ray = _import_ray(ropts)
         need = num_stages * ropts.num_cpus
         self._started_ray = init_ray(ropts, num_cpus=max(float(os.cpu_count() or 1), need))
         total = ray.cluster_resources()
@@ -196,7 +259,8 @@ class RayBackend(RemoteBackend):
                 f"{num_stages * ropts.num_gpus:g} GPUs but the Ray cluster has "
                 f"{total.get('GPU', 0.0):g}"
             )
-        node = "127.0.0.1" if ropts.address is None else ray.util.get_node_ip_address()
+        # a local Ray stays on loopback, and so does a cluster joined at a loopback address
+        node = "127.0.0.1" if _on_loopback(ropts) else ray.util.get_node_ip_address()
         self._server, port = host_store(node, options.timeout_s)
         prefix = f"aimcpipe/{uuid.uuid4().hex[:12]}"
         actor_class = ray.remote(StageActor)
@@ -226,7 +290,7 @@ class RayBackend(RemoteBackend):
     def _stop(self) -> None:
         self._server = None
         if self._started_ray:
-            ray = _import_ray(self.ray_options.address is None)
+            ray = _import_ray(self.ray_options)
             with contextlib.suppress(Exception):
                 ray.shutdown()
             self._started_ray = False

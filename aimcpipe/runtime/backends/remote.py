@@ -19,7 +19,7 @@ import os
 import time
 from abc import ABC, abstractmethod
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 from aimcpipe.errors import ConfigError, StageFailure
@@ -106,6 +106,16 @@ def _where(progress: dict[str, Any] | None) -> str:
             text += f" in epoch {progress['epoch'] + 1}"
         text += ")"
     return text
+
+
+def _stage_failure(message: str, failures: Iterable[dict[str, Any]]) -> StageFailure:
+    """The error to raise, carrying (for ``--debug``) the traceback a failed stage sent."""
+    error = StageFailure(message)
+    first = sorted(failures, key=lambda f: f.get("at", 0.0))  # where the failure started
+    tracebacks = [f["traceback"] for f in first if f.get("traceback")]
+    if tracebacks:
+        error.details = tracebacks[0]
+    return error
 
 
 def diagnose(
@@ -297,7 +307,7 @@ class RemoteBackend(Backend):
                 assert answer is not None
                 if answer[0] != "ok":
                     self._abort(answer[1]["message"])
-                    raise StageFailure(answer[1]["message"])
+                    raise _stage_failure(answer[1]["message"], [answer[1]])
                 return answer[1]
             if call.blocks:
                 call.wait(min(0.05, max(0.0, deadline - time.monotonic())))
@@ -386,7 +396,8 @@ class RemoteBackend(Backend):
                 if not waiting_on or now - first_failure > grace:
                     progress = {h.stage: h.progress() for h in self.handles}
                     working = {s for s, (_, t) in seen.items() if epoch and now - t < timeout}
-                    raise StageFailure(diagnose(failures, progress, timeout, working))
+                    message = diagnose(failures, progress, timeout, working)
+                    raise _stage_failure(message, failures.values())
             # sleep until a call that can block finishes (the end of an epoch is seen at
             # once, not up to a nap later); poll the others with naps that grow, but start
             # short again after each blocking wait (the stages end close together)
