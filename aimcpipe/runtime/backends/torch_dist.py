@@ -486,10 +486,13 @@ def serve(world: World) -> int:
 
 def _unpickling_error(exc: Exception, rank: int) -> Exception:
     text = f"{type(exc).__name__}: {exc}"
-    if "__main__" in text:
+    # a stage process runs this module as __main__, so what the user's script defined in its
+    # own __main__ is looked up here
+    if "__main__" in text or "module 'aimcpipe.runtime.backends.torch_dist'" in text:
         text += (
-            "; classes defined in the script being run (__main__) cannot be rebuilt in "
-            "stage processes: move the model into a module they can import"
+            "; classes and functions defined in the script being run (__main__) cannot be "
+            "rebuilt in stage processes: move the model, loss or partitioner into a module "
+            "they can import"
         )
     return RuntimeError(f"stage {rank} cannot rebuild what the scheduler sent: {text}")
 
