@@ -60,47 +60,27 @@ import torch.distributed as dist
 
 from aimcpipe.errors import StageFailure
 from aimcpipe.runtime.clock import boot_id, sleep_until, tighten_timers
-from aimcpipe.runtime.transport import Key
-from aimcpipe.runtime.unix_links import (
-    Message,
-    UnixLink,
-    connect_links,
-    header_array,
-    header_values,
-    pump,
+from aimcpipe.runtime.message_format import (
+    DIMS,
+    DTYPES,
+    FIRST_CAPACITY,
+    HEADER,
+    HEADER_BYTES,
+    KINDS,
+    NONE,
+    SEPARATE,
+    decode,
+    grown,
+    make_header,
+    packed,
 )
+from aimcpipe.runtime.transport import Key
+from aimcpipe.runtime.unix_links import UnixLink, connect_links, header_array, pump
 
 __all__ = ["Channels", "PeerLost", "PeerTimeout"]
 
 log = logging.getLogger(__name__)
 
-KINDS = ("activation", "gradient", "eval")
-DTYPES = (
-    torch.float32,
-    torch.float64,
-    torch.float16,
-    torch.bfloat16,
-    torch.int64,
-    torch.int32,
-    torch.int16,
-    torch.int8,
-    torch.uint8,
-    torch.bool,
-)
-_KIND_CODE = {kind: i for i, kind in enumerate(KINDS)}
-_DTYPE_CODE = {dtype: i for i, dtype in enumerate(DTYPES)}
-# receive buffers are allocated through numpy where it has the dtype: between two actions,
-# with the caches cold, np.empty + torch.from_numpy cost about half of torch.empty
-_NUMPY_DTYPE = {
-    dtype: torch.empty(0, dtype=dtype).numpy().dtype for dtype in DTYPES if dtype != torch.bfloat16
-}
-MAX_DIMS = 8
-HEADER = 6 + MAX_DIMS  # kind, micro-batch, dtype, ndim, flags, due, dims
-DIMS = 6  # where the dims start
-HEADER_BYTES = 8 * HEADER
-NONE, SEPARATE = 1, 2  # flags: no payload; the payload follows as a message of its own
-FIRST_CAPACITY = 64 << 10  # bytes a posted receive takes at first (header + payload)
-MAX_CAPACITY = 1 << 20  # beyond this a payload always travels on its own (no packing copy)
 # A stage waiting on a unix link first polls it without sleeping for this long, when every
 # stage has a core of its own: waking a sleeping receiver cost ~75 µs of a ~100 µs message
 # on a 2-core VM (spinning: ~27 µs); beyond this it sleeps in poll()
@@ -123,55 +103,6 @@ class PeerTimeout(StageFailure):
         self.peer = peer
 
 
-def _header(
-    kind: str, n: int, payload: torch.Tensor | None, separate: bool, due_ns: int = 0
-) -> list[int]:
-    """The header's values (a list: filling a tensor element by element cost ~15 µs)."""
-    h = [0] * HEADER
-    h[0] = _KIND_CODE[kind]
-    h[1] = n
-    h[5] = due_ns
-    if payload is None:
-        h[4] = NONE
-        return h
-    h[4] = SEPARATE if separate else 0
-    dtype = payload.dtype
-    code = _DTYPE_CODE.get(dtype)
-    if code is None:
-        raise StageFailure(f"cannot send a tensor of dtype {dtype}")
-    shape = payload.shape
-    if len(shape) > MAX_DIMS:
-        raise StageFailure(f"cannot send a tensor of {len(shape)} dimensions (max {MAX_DIMS})")
-    h[2] = code
-    h[3] = len(shape)
-    h[DIMS : DIMS + len(shape)] = shape
-    return h
-
-
-def _packed(header: list[int], payload: torch.Tensor) -> torch.Tensor:
-    """Header and payload in one byte buffer, written through numpy (a few µs; the same with
-    torch's indexing took ~10)."""
-    nbytes = payload.numel() * payload.element_size()
-    packed = torch.empty(HEADER_BYTES + nbytes, dtype=torch.uint8)
-    out = packed.numpy()
-    out[:HEADER_BYTES].view(np.int64)[:] = header
-    if nbytes:
-        out[HEADER_BYTES:] = payload.reshape(-1).view(torch.uint8).numpy()
-    return packed
-
-
-def _decode(raw: bytes) -> Message:
-    """A header read from a unix link, and the tensor its payload is to be read into."""
-    h = header_values(raw)
-    if h[4] & NONE:
-        return h, None
-    shape, dtype = h[DIMS : DIMS + h[3]], DTYPES[h[2]]
-    as_numpy = _NUMPY_DTYPE.get(dtype)
-    if as_numpy is None:
-        return h, torch.empty(shape, dtype=dtype)
-    return h, torch.from_numpy(np.empty(shape, dtype=as_numpy))
-
-
 def _cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -187,14 +118,6 @@ def _gloo_device(host: str) -> Any:
     if host not in _DEVICES:
         _DEVICES[host] = dist.ProcessGroupGloo.create_device(hostname=host)
     return _DEVICES[host]
-
-
-def _grown(capacity: int, nbytes: int, backend: str) -> int:
-    """The receive buffer after a payload of ``nbytes`` had to travel on its own: both ends
-    apply this same rule, so the sender always knows what the receiver has posted."""
-    if backend == "nccl" or HEADER_BYTES + nbytes > MAX_CAPACITY:
-        return capacity
-    return max(capacity, HEADER_BYTES + nbytes)
 
 
 def _is_broken(exc: BaseException) -> bool:
@@ -299,7 +222,7 @@ class Channels:
         self._links: dict[int, UnixLink] = {}
         if unix_sockets and backend == "gloo" and bool(mine) and set(boots) == {mine}:
             links = connect_links(
-                store, f"{prefix}/unix", stage, num_stages, timeout_s, HEADER_BYTES, _decode
+                store, f"{prefix}/unix", stage, num_stages, timeout_s, HEADER_BYTES, decode
             )
             self._links = links or {}
         #: how messages travel: "unix" (sockets between processes of one machine), or the
@@ -438,7 +361,7 @@ class Channels:
         receive buffer the peer has posted, else the header and then the payload. ``due``:
         the ``time.perf_counter`` time before which the receiver must not use it (0: none)."""
         if self._links:
-            header = _header(kind, n, tensor, separate=False, due_ns=round(due * 1e9))
+            header = make_header(kind, n, tensor, separate=False, due_ns=round(due * 1e9))
             try:
                 self._links[dst].post(header_array(header), tensor)
             except OSError as exc:
@@ -447,14 +370,14 @@ class Channels:
         pair = self._out[dst]
         nbytes = 0 if tensor is None else tensor.numel() * tensor.element_size()
         together = self.backend != "nccl" and HEADER_BYTES + nbytes <= self._capacity[dst]
-        header = _header(kind, n, tensor, separate=not together, due_ns=round(due * 1e9))
+        header = make_header(kind, n, tensor, separate=not together, due_ns=round(due * 1e9))
         if tensor is not None and together:
-            parts = [_packed(header, tensor)]
+            parts = [packed(header, tensor)]
         else:
             parts = [self._on_device(torch.tensor(header, dtype=torch.int64))]
             if tensor is not None:
                 parts.append(tensor)
-                self._capacity[dst] = _grown(self._capacity[dst], nbytes, self.backend)
+                self._capacity[dst] = grown(self._capacity[dst], nbytes, self.backend)
         self._reap(dst)
         try:
             works = [pair.pg.send([part], pair.peer, 0) for part in parts]
@@ -518,7 +441,7 @@ class Channels:
                 raise self._failed(exc, inbound.src, what, 0.0) from None
             self._wait(work, inbound.src, deadline, what)
             nbytes = payload.numel() * payload.element_size()
-            inbound.capacity = _grown(inbound.capacity, nbytes, self.backend)
+            inbound.capacity = grown(inbound.capacity, nbytes, self.backend)
         elif not flags & NONE:
             nbytes = torch.Size(shape).numel() * dtype.itemsize
             payload = buffer[HEADER_BYTES : HEADER_BYTES + nbytes].view(dtype).reshape(shape)
