@@ -35,7 +35,7 @@ forwards of the same shape, whose graphs are the same.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,10 +45,13 @@ from torch import nn
 from aimcpipe.analog.layers import AnalogLayer
 from aimcpipe.analog.tile import AnalogTile
 from aimcpipe.errors import ScheduleError
-from aimcpipe.seeding import derive_seed
 from aimcpipe.stages.backprop import prepare, run_backward
 from aimcpipe.stages.deferred_linear import apply_pending, defer_linear_gradients
-from aimcpipe.stages.randomness import draws_global_random, loss_draws_global_random
+from aimcpipe.stages.randomness import (
+    StageRandomState,
+    draws_global_random,
+    loss_draws_global_random,
+)
 
 __all__ = ["LossFn", "LossStats", "Stage", "StageCounters", "summarize"]
 
@@ -179,10 +182,7 @@ class Stage:
         self._sums: dict[tuple[int, ...], tuple[list[int], list[torch.Tensor | None]]] = {}
         self._pending_bytes: dict[int, int] = {}
         self._snapshots: dict[int, list[torch.Tensor]] = {}  # version -> weights (stashing)
-        self._seed = seed
-        generator = torch.Generator().manual_seed(derive_seed(seed, "stage-rng", index))
-        self._rng_state = generator.get_state()
-        self._swaps_rng = True
+        self._rng = StageRandomState(seed, index)
         self.recheck_randomness()
         self._stash_nbytes: dict[tuple[Any, ...], int] = {}  # input signature -> bytes
         self._held_bytes = 0  # activation stashes + pending updates
@@ -193,7 +193,7 @@ class Stage:
         """Decide whether actions swap in the stage's own random state: only if a module, a
         hook or the loss might draw from torch's global generator (called at construction
         and by the worker at every epoch's start)."""
-        self._swaps_rng = draws_global_random(self.modules) or (
+        self._rng.swaps = draws_global_random(self.modules) or (
             self.is_last and loss_draws_global_random(self.loss_fn)
         )
 
@@ -211,19 +211,6 @@ class Stage:
         nbytes = self._held_bytes + self._snapshot_bytes
         if nbytes > c.peak_stash_bytes:
             c.peak_stash_bytes = nbytes
-
-    def _own_rng(self) -> AbstractContextManager[None]:
-        return self._swapped_rng() if self._swaps_rng else _NO_SWAP
-
-    @contextmanager
-    def _swapped_rng(self) -> Iterator[None]:
-        saved = torch.get_rng_state()
-        torch.set_rng_state(self._rng_state)
-        try:
-            yield
-        finally:
-            self._rng_state = torch.get_rng_state()
-            torch.set_rng_state(saved)
 
     def _run_blocks(self, x: torch.Tensor) -> torch.Tensor:
         for module in self.modules:
@@ -247,7 +234,7 @@ class Stage:
             self._snapshot_bytes = sum(_nbytes(t) for v in self._snapshots.values() for t in v)
         signature = (x.shape, x.dtype, None if target is None else target.shape)
         nbytes = self._stash_nbytes.get(signature)
-        with self._own_rng(), _NO_SWAP if torch.is_grad_enabled() else torch.enable_grad():
+        with self._rng.own(), _NO_SWAP if torch.is_grad_enabled() else torch.enable_grad():
             if nbytes is None:
                 y, stats, nbytes = self._measured_forward(n, x, target)
                 self._stash_nbytes[signature] = nbytes
@@ -328,10 +315,10 @@ class Stage:
                 p.grad = total
         self._held_bytes -= stashed.nbytes
         if self.weight_stashing:
-            with self._own_rng(), self._weights_of(stashed.version):
+            with self._rng.own(), self._weights_of(stashed.version):
                 run_backward(stashed.output, grad)
         else:
-            with self._own_rng():
+            with self._rng.own():
                 run_backward(stashed.output, grad)
         records = [pending[:] for pending in records_of]
         grads: list[torch.Tensor | None] | None = [p.grad for p in self.digital]
@@ -444,30 +431,19 @@ class Stage:
         and the stage's torch random state are replaced by ones seeded from ``stream`` and
         restored afterwards, so evaluating — on any data, in any chunks, or not at all —
         never changes what training draws."""
-        tiles = self._tiles
-        kept = [tile._generator for tile in tiles]
-        kept_rng = self._rng_state
         training = self.modules.training
         try:
-            for tile in tiles:
-                g = torch.Generator(device=tile.weight.device)
-                g.manual_seed(derive_seed(tile.seed, "eval", stream))
-                tile._generator = g
-            self.modules.train(False)
-            seed = derive_seed(self._seed, "eval", self.index, stream)
-            self._rng_state = torch.Generator().manual_seed(seed).get_state()
-            yield
+            with self._rng.evaluation(self._tiles, stream):
+                self.modules.train(False)
+                yield
         finally:
-            for tile, g in zip(tiles, kept, strict=True):
-                tile._generator = g
-            self._rng_state = kept_rng
             self.modules.train(training)
 
     @torch.no_grad()
     def infer(self, x: torch.Tensor) -> torch.Tensor:
         """Forward without recording anything (on the stage's own random state); use inside
         :meth:`evaluation`."""
-        with self._own_rng():
+        with self._rng.own():
             return self._run_blocks(x)
 
     @property
@@ -494,7 +470,7 @@ class Stage:
             "blocks": {
                 name: m.state_dict() for name, m in zip(self.names, self.modules, strict=True)
             },
-            "rng_state": self._rng_state.clone(),
+            "rng_state": self._rng.state.clone(),
             "version": self.version,
             "lr": self.lr,
         }
@@ -502,6 +478,6 @@ class Stage:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name, module in zip(self.names, self.modules, strict=True):
             module.load_state_dict(state["blocks"][name])
-        self._rng_state = state["rng_state"].clone()
+        self._rng.state = state["rng_state"].clone()
         self.version = int(state["version"])
         self.lr = float(state["lr"])
