@@ -52,6 +52,7 @@ from aimcpipe.stages.randomness import (
     draws_global_random,
     loss_draws_global_random,
 )
+from aimcpipe.stages.weight_stash import WeightSnapshots
 
 __all__ = ["LossFn", "LossStats", "Stage", "StageCounters", "summarize"]
 
@@ -181,12 +182,11 @@ class Stage:
         # update group -> (micro-batches summed so far, per digital param: their sum)
         self._sums: dict[tuple[int, ...], tuple[list[int], list[torch.Tensor | None]]] = {}
         self._pending_bytes: dict[int, int] = {}
-        self._snapshots: dict[int, list[torch.Tensor]] = {}  # version -> weights (stashing)
+        self._weights = WeightSnapshots(self._tiles, self.digital)  # (weight stashing)
         self._rng = StageRandomState(seed, index)
         self.recheck_randomness()
         self._stash_nbytes: dict[tuple[Any, ...], int] = {}  # input signature -> bytes
         self._held_bytes = 0  # activation stashes + pending updates
-        self._snapshot_bytes = 0
         prepare()  # PyTorch's one-off cost of a first backward, here rather than in action B0
 
     def recheck_randomness(self) -> None:
@@ -208,9 +208,12 @@ class Stage:
         held = len(self._stash) + len(self._pending)
         if held > c.peak_stash:
             c.peak_stash = held
-        nbytes = self._held_bytes + self._snapshot_bytes
+        nbytes = self._held_bytes + self._weights.nbytes
         if nbytes > c.peak_stash_bytes:
             c.peak_stash_bytes = nbytes
+
+    def _weight_tensors(self) -> list[torch.Tensor]:
+        return list(self.modules.parameters()) + list(self.modules.buffers())
 
     def _run_blocks(self, x: torch.Tensor) -> torch.Tensor:
         for module in self.modules:
@@ -229,9 +232,8 @@ class Stage:
             raise ScheduleError(f"stage {self.index}: F{n} runs twice")
         if not self.is_first and x.is_floating_point():
             x = x.detach().requires_grad_(True)
-        if self.weight_stashing and self.version not in self._snapshots:
-            self._snapshots[self.version] = [t.detach().clone() for t in self._stashable()]
-            self._snapshot_bytes = sum(_nbytes(t) for v in self._snapshots.values() for t in v)
+        if self.weight_stashing:
+            self._weights.keep(self.version)
         signature = (x.shape, x.dtype, None if target is None else target.shape)
         nbytes = self._stash_nbytes.get(signature)
         with self._rng.own(), _NO_SWAP if torch.is_grad_enabled() else torch.enable_grad():
@@ -315,7 +317,7 @@ class Stage:
                 p.grad = total
         self._held_bytes -= stashed.nbytes
         if self.weight_stashing:
-            with self._rng.own(), self._weights_of(stashed.version):
+            with self._rng.own(), self._weights.swapped_in(stashed.version, self.version):
                 run_backward(stashed.output, grad)
         else:
             with self._rng.own():
@@ -334,7 +336,8 @@ class Stage:
         pending = sum(_nbytes(x) + _nbytes(d) for per_layer in records for x, d in per_layer)
         self._pending_bytes[n] = pending
         self._held_bytes += pending
-        self._release_snapshots()
+        if self._weights.snapshots:
+            self._weights.release({s.version for s in self._stash.values()})
         self._note_stash()
         if self.is_first or not stashed.inputs.requires_grad:
             return None
@@ -390,39 +393,6 @@ class Stage:
                 p.data.add_(total, alpha=-self.lr * scale)
         self.version += len(entries)
         self.counters.updates_applied += len(entries)
-
-    # -- weight stashing -------------------------------------------------------------------
-    def _weight_tensors(self) -> list[torch.Tensor]:
-        return list(self.modules.parameters()) + list(self.modules.buffers())
-
-    def _stashable(self) -> list[torch.Tensor]:
-        """What a backward reads: the tiles' weights and the digital parameters."""
-        return [tile.weight for tile in self._tiles] + [p.data for p in self.digital]
-
-    @contextmanager
-    def _weights_of(self, version: int) -> Iterator[None]:
-        snapshot = self._snapshots.get(version) if self.weight_stashing else None
-        if snapshot is None or version == self.version:
-            yield
-            return
-        current = self._stashable()
-        saved = [t.clone() for t in current]
-        for t, old in zip(current, snapshot, strict=True):
-            t.copy_(old)
-        try:
-            yield
-        finally:
-            for t, new in zip(current, saved, strict=True):
-                t.copy_(new)
-
-    def _release_snapshots(self) -> None:
-        if not self._snapshots:
-            return
-        live = {s.version for s in self._stash.values()}
-        for version in list(self._snapshots):
-            if version not in live:
-                del self._snapshots[version]
-        self._snapshot_bytes = sum(_nbytes(t) for v in self._snapshots.values() for t in v)
 
     # -- inference and state ---------------------------------------------------------------
     @contextmanager

@@ -157,7 +157,7 @@ def test_async_backward_sees_updates_its_forward_did_not():
     stages = _run(stashed, build_schedule("async", 4, 4, 1, weight_stashing=True))
     assert stages[1].weight_stashing
     assert _max_diff(plain_async, stashed) > 1e-6
-    assert not stages[0]._snapshots  # snapshots are freed once their backwards ran
+    assert not stages[0]._weights.snapshots  # snapshots are freed once their backwards ran
 
 
 def test_weight_stashing_with_one_stage_changes_nothing():
