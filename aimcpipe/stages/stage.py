@@ -46,7 +46,8 @@ from aimcpipe.analog.layers import AnalogLayer
 from aimcpipe.analog.tile import AnalogTile
 from aimcpipe.errors import ScheduleError
 from aimcpipe.stages.backprop import prepare, run_backward
-from aimcpipe.stages.deferred_linear import apply_pending, defer_linear_gradients
+from aimcpipe.stages.deferred_linear import defer_linear_gradients
+from aimcpipe.stages.pending_updates import PendingUpdates
 from aimcpipe.stages.randomness import (
     StageRandomState,
     draws_global_random,
@@ -129,10 +130,6 @@ class _Stashed:
 _NO_SWAP = nullcontext()
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 class Stage:
     """Stage ``index`` of ``num_stages``: ``blocks`` are ``(qualified name, module)`` pairs
     applied in order. The last stage needs ``loss_fn(output, target)`` (a mean over the
@@ -154,7 +151,7 @@ class Stage:
         self.index = index
         self.num_stages = num_stages
         self.names = tuple(name for name, _ in blocks)
-        modules, self._linears = defer_linear_gradients([m for _, m in blocks])
+        modules, linears = defer_linear_gradients([m for _, m in blocks])
         self.modules = nn.ModuleList(modules)
         self.is_first = index == 0
         self.is_last = index == num_stages - 1
@@ -167,21 +164,13 @@ class Stage:
         anchors = {id(layer.anchor) for layer in self.analog}
         self.digital = [p for p in self.modules.parameters() if id(p) not in anchors]
         self._tiles = [m for m in self.modules.modules() if isinstance(m, AnalogTile)]
-        # each analog layer's list of recorded (x, d), read without nn.Module lookups
-        self._records_of = [layer.analog.pending for layer in self.analog]
-        self._records_of += [layer.pending for layer in self._linears]
         # storages of weights, which autograd also saves but are not activations (updates are
         # in place, so these stay valid; build stages after moving the model to its device)
         self._weight_storages = {t.untyped_storage().data_ptr() for t in self._weight_tensors()}
         self.version = 0
         self.counters = StageCounters()
-        self._stash: dict[int, _Stashed] = {}
-        # n -> ([per analog layer: list of (x, d)], [per digital param: grad or None], or
-        # None where n's gradients went into its group's running sum)
-        self._pending: dict[int, tuple[list[list[Any]], list[torch.Tensor | None] | None]] = {}
-        # update group -> (micro-batches summed so far, per digital param: their sum)
-        self._sums: dict[tuple[int, ...], tuple[list[int], list[torch.Tensor | None]]] = {}
-        self._pending_bytes: dict[int, int] = {}
+        self._stash: dict[int, _Stashed] = {}  # the activation stash
+        self._updates = PendingUpdates(self.analog, linears, self.digital)
         self._weights = WeightSnapshots(self._tiles, self.digital)  # (weight stashing)
         self._rng = StageRandomState(seed, index)
         self.recheck_randomness()
@@ -201,11 +190,11 @@ class Stage:
     @property
     def held(self) -> int:
         """Micro-batches held from F until the U that applies them (the stash count)."""
-        return len(self._stash) + len(self._pending)
+        return len(self._stash) + len(self._updates.pending)
 
     def _note_stash(self) -> None:
         c = self.counters
-        held = len(self._stash) + len(self._pending)
+        held = len(self._stash) + len(self._updates.pending)
         if held > c.peak_stash:
             c.peak_stash = held
         nbytes = self._held_bytes + self._weights.nbytes
@@ -228,7 +217,7 @@ class Stage:
         (detached), or on the last stage ``(loss, stats)`` where stats holds the
         micro-batch's loss and what its correct count is computed from (:class:`LossStats`;
         ``stats.as_dict()`` or :func:`summarize` give the numbers)."""
-        if n in self._stash or n in self._pending:
+        if n in self._stash or n in self._updates.pending:
             raise ScheduleError(f"stage {self.index}: F{n} runs twice")
         if not self.is_first and x.is_floating_point():
             x = x.detach().requires_grad_(True)
@@ -280,7 +269,7 @@ class Stage:
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             y, stats = self._forward(n, x, target)
-        saved.setdefault(x.untyped_storage().data_ptr(), _nbytes(x))
+        saved.setdefault(x.untyped_storage().data_ptr(), x.nbytes)
         return y, stats, sum(saved.values())
 
     def backward(
@@ -302,19 +291,10 @@ class Stage:
             raise ScheduleError(
                 f"stage {self.index}: B{n} has no gradient from stage {self.index + 1}"
             )
-        summed = self._summed_into(n, group)
+        summed = self._updates.prepare(n, group)
         delay = self.version - stashed.version
         hist = self.counters.staleness_histogram
         hist[delay] = hist.get(delay, 0) + 1
-        records_of = self._records_of
-        for pending in records_of:
-            pending.clear()
-        if summed is None:
-            for p in self.digital:
-                p.grad = None
-        else:  # autograd adds this micro-batch's gradient to the group's sum so far
-            for p, total in zip(self.digital, summed[1], strict=True):
-                p.grad = total
         self._held_bytes -= stashed.nbytes
         if self.weight_stashing:
             with self._rng.own(), self._weights.swapped_in(stashed.version, self.version):
@@ -322,20 +302,7 @@ class Stage:
         else:
             with self._rng.own():
                 run_backward(stashed.output, grad)
-        records = [pending[:] for pending in records_of]
-        grads: list[torch.Tensor | None] | None = [p.grad for p in self.digital]
-        for pending in records_of:
-            pending.clear()
-        for p in self.digital:
-            p.grad = None  # the gradient is now only ours (update may add into it)
-        if summed is not None:
-            summed[0].append(n)
-            summed[1][:] = grads  # type: ignore[index]
-            grads = None  # in the group's sum
-        self._pending[n] = (records, grads)
-        pending = sum(_nbytes(x) + _nbytes(d) for per_layer in records for x, d in per_layer)
-        self._pending_bytes[n] = pending
-        self._held_bytes += pending
+        self._held_bytes += self._updates.keep(n, summed)
         if self._weights.snapshots:
             self._weights.release({s.version for s in self._stash.values()})
         self._note_stash()
@@ -343,56 +310,18 @@ class Stage:
             return None
         return stashed.inputs.grad
 
-    def _summed_into(
-        self, n: int, group: tuple[int, ...] | None
-    ) -> tuple[list[int], list[torch.Tensor | None]] | None:
-        """The running sum (members so far, per-parameter sums) that B(n) adds to, or None
-        to keep n's gradients apart: without a group, or when n does not come next in it."""
-        if group is None or not self.digital:
-            return None
-        summed = self._sums.get(group)
-        if summed is None:
-            if n != group[0]:
-                return None
-            summed = self._sums[group] = ([], [None] * len(self.digital))
-        members = summed[0]
-        if len(members) >= len(group) or group[len(members)] != n:
-            return None
-        return summed
-
     @torch.no_grad()
     def update(self, microbatches: Sequence[int]) -> None:
         """U(ns): apply the pending updates of ``ns`` as their mean at the stage's lr."""
-        missing = [n for n in microbatches if n not in self._pending]
+        missing = [n for n in microbatches if n not in self._updates.pending]
         if missing:
             raise ScheduleError(
                 f"stage {self.index}: U applies micro-batch {missing[0]} that has no "
                 "completed backward on this stage"
             )
-        entries = [self._pending.pop(n) for n in microbatches]
-        for n in microbatches:
-            self._held_bytes -= self._pending_bytes.pop(n)
-        scale = 1.0 / len(entries)
-        for i, layer in enumerate(self.analog):
-            layer.analog.pending[:] = [rec for records, _ in entries for rec in records[i]]
-            layer.analog.apply_pending(self.lr, scale)
-        for i, linear in enumerate(self._linears, start=len(self.analog)):
-            apply_pending(
-                linear, [rec for records, _ in entries for rec in records[i]], -self.lr * scale
-            )
-        # the group's running sum (all or some of its micro-batches), then any kept apart
-        summed = self._sums.pop(tuple(microbatches), None)
-        for j, p in enumerate(self.digital):
-            total: torch.Tensor | None = None if summed is None else summed[1][j]
-            for _, grads in entries:
-                g = None if grads is None else grads[j]
-                if g is None:
-                    continue
-                total = g if total is None else total.add_(g)  # backward handed them over
-            if total is not None:
-                p.data.add_(total, alpha=-self.lr * scale)
-        self.version += len(entries)
-        self.counters.updates_applied += len(entries)
+        self._held_bytes -= self._updates.apply(microbatches, self.lr)
+        self.version += len(microbatches)
+        self.counters.updates_applied += len(microbatches)
 
     # -- inference and state ---------------------------------------------------------------
     @contextmanager
@@ -419,7 +348,7 @@ class Stage:
     @property
     def idle(self) -> bool:
         """No activation or pending update held (the pipeline is drained here)."""
-        return not self._stash and not self._pending
+        return not self._stash and not self._updates.pending
 
     def model_state(self) -> dict[str, Any]:
         """The blocks' state_dict with the keys of the whole model (``"<block>.<key>"``)."""
