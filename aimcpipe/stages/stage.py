@@ -30,6 +30,11 @@ paid on every action.
 The activation stash's size in bytes (what autograd saves, weights excluded) is measured
 with saved-tensor hooks on the first forward of each input shape and reused for later
 forwards of the same shape, whose graphs are the same.
+
+The stage keeps the activation stash and the actions; its pending update stash is a
+:class:`~aimcpipe.stages.pending_updates.PendingUpdates`, its weight snapshots a
+:class:`~aimcpipe.stages.weight_stash.WeightSnapshots` and its random state a
+:class:`~aimcpipe.stages.randomness.StageRandomState`.
 """
 
 from __future__ import annotations
