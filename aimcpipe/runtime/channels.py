@@ -40,71 +40,37 @@ fails at once, naming it.
 
 With ``nccl`` (every stage on a GPU of its own) payloads stay on the GPU; with ``gloo`` a GPU
 stage's tensors are staged through the CPU.
+
+Where things are: the header in :mod:`~aimcpipe.runtime.message_format`; the two wires in
+:mod:`~aimcpipe.runtime.unix_wire` and :mod:`~aimcpipe.runtime.group_wire`; here the
+protocol and the mailbox (:class:`Channels`), the failures (:class:`ChannelErrors`) and the
+threads of emulated latency.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from aimcpipe.errors import StageFailure
 from aimcpipe.runtime.clock import boot_id, sleep_until, tighten_timers
+from aimcpipe.runtime.group_wire import GroupWire
+from aimcpipe.runtime.message_format import HEADER_BYTES, decode
 from aimcpipe.runtime.transport import Key
-from aimcpipe.runtime.unix_links import (
-    Message,
-    UnixLink,
-    connect_links,
-    header_array,
-    header_values,
-    pump,
-)
+from aimcpipe.runtime.unix_links import connect_links
+from aimcpipe.runtime.unix_wire import UnixWire
 
 __all__ = ["Channels", "PeerLost", "PeerTimeout"]
 
 log = logging.getLogger(__name__)
-
-KINDS = ("activation", "gradient", "eval")
-DTYPES = (
-    torch.float32,
-    torch.float64,
-    torch.float16,
-    torch.bfloat16,
-    torch.int64,
-    torch.int32,
-    torch.int16,
-    torch.int8,
-    torch.uint8,
-    torch.bool,
-)
-_KIND_CODE = {kind: i for i, kind in enumerate(KINDS)}
-_DTYPE_CODE = {dtype: i for i, dtype in enumerate(DTYPES)}
-# receive buffers are allocated through numpy where it has the dtype: between two actions,
-# with the caches cold, np.empty + torch.from_numpy cost about half of torch.empty
-_NUMPY_DTYPE = {
-    dtype: torch.empty(0, dtype=dtype).numpy().dtype for dtype in DTYPES if dtype != torch.bfloat16
-}
-MAX_DIMS = 8
-HEADER = 6 + MAX_DIMS  # kind, micro-batch, dtype, ndim, flags, due, dims
-DIMS = 6  # where the dims start
-HEADER_BYTES = 8 * HEADER
-NONE, SEPARATE = 1, 2  # flags: no payload; the payload follows as a message of its own
-FIRST_CAPACITY = 64 << 10  # bytes a posted receive takes at first (header + payload)
-MAX_CAPACITY = 1 << 20  # beyond this a payload always travels on its own (no packing copy)
-# A stage waiting on a unix link first polls it without sleeping for this long, when every
-# stage has a core of its own: waking a sleeping receiver cost ~75 µs of a ~100 µs message
-# on a 2-core VM (spinning: ~27 µs); beyond this it sleeps in poll()
-SPIN_S = 0.0005
 
 
 class PeerLost(StageFailure):
@@ -123,80 +89,6 @@ class PeerTimeout(StageFailure):
         self.peer = peer
 
 
-def _header(
-    kind: str, n: int, payload: torch.Tensor | None, separate: bool, due_ns: int = 0
-) -> list[int]:
-    """The header's values (a list: filling a tensor element by element cost ~15 µs)."""
-    h = [0] * HEADER
-    h[0] = _KIND_CODE[kind]
-    h[1] = n
-    h[5] = due_ns
-    if payload is None:
-        h[4] = NONE
-        return h
-    h[4] = SEPARATE if separate else 0
-    dtype = payload.dtype
-    code = _DTYPE_CODE.get(dtype)
-    if code is None:
-        raise StageFailure(f"cannot send a tensor of dtype {dtype}")
-    shape = payload.shape
-    if len(shape) > MAX_DIMS:
-        raise StageFailure(f"cannot send a tensor of {len(shape)} dimensions (max {MAX_DIMS})")
-    h[2] = code
-    h[3] = len(shape)
-    h[DIMS : DIMS + len(shape)] = shape
-    return h
-
-
-def _packed(header: list[int], payload: torch.Tensor) -> torch.Tensor:
-    """Header and payload in one byte buffer, written through numpy (a few µs; the same with
-    torch's indexing took ~10)."""
-    nbytes = payload.numel() * payload.element_size()
-    packed = torch.empty(HEADER_BYTES + nbytes, dtype=torch.uint8)
-    out = packed.numpy()
-    out[:HEADER_BYTES].view(np.int64)[:] = header
-    if nbytes:
-        out[HEADER_BYTES:] = payload.reshape(-1).view(torch.uint8).numpy()
-    return packed
-
-
-def _decode(raw: bytes) -> Message:
-    """A header read from a unix link, and the tensor its payload is to be read into."""
-    h = header_values(raw)
-    if h[4] & NONE:
-        return h, None
-    shape, dtype = h[DIMS : DIMS + h[3]], DTYPES[h[2]]
-    as_numpy = _NUMPY_DTYPE.get(dtype)
-    if as_numpy is None:
-        return h, torch.empty(shape, dtype=dtype)
-    return h, torch.from_numpy(np.empty(shape, dtype=as_numpy))
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
-_DEVICES: dict[str, Any] = {}
-
-
-def _gloo_device(host: str) -> Any:
-    """One gloo device (one socket loop thread) per address for all of a process's groups."""
-    if host not in _DEVICES:
-        _DEVICES[host] = dist.ProcessGroupGloo.create_device(hostname=host)
-    return _DEVICES[host]
-
-
-def _grown(capacity: int, nbytes: int, backend: str) -> int:
-    """The receive buffer after a payload of ``nbytes`` had to travel on its own: both ends
-    apply this same rule, so the sender always knows what the receiver has posted."""
-    if backend == "nccl" or HEADER_BYTES + nbytes > MAX_CAPACITY:
-        return capacity
-    return max(capacity, HEADER_BYTES + nbytes)
-
-
 def _is_broken(exc: BaseException) -> bool:
     text = str(exc).lower()
     return any(
@@ -208,42 +100,106 @@ def _is_timeout(exc: BaseException) -> bool:
     return "timed out" in str(exc).lower() or "timeout" in str(exc).lower()
 
 
-class _Pair:
-    """One direction between two neighbours: a two-rank process group."""
+class ChannelErrors:
+    """The failures of stage ``stage``'s channels: the first one is recorded (a latency
+    thread may fail too) and raised by every later call; a wire's error becomes a
+    :class:`PeerTimeout` or :class:`PeerLost` naming the neighbour where it says so."""
 
-    def __init__(
-        self,
-        store: dist.Store,
-        name: str,
-        rank: int,
-        backend: str,
-        host: str,
-        timeout: timedelta,
+    def __init__(self, stage: int) -> None:
+        self.stage = stage
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()  # guards error
+
+    def failed(self, exc: BaseException, peer: int, what: str, waited: float) -> StageFailure:
+        """Record the channel's first failure (so every later call raises it) and return it."""
+        error = self._wrap(exc, peer, what, waited)
+        with self._lock:
+            if self.error is None:
+                self.error = error
+        return error
+
+    def check(self) -> None:
+        """Raise the recorded failure, if any."""
+        if self.error is not None:
+            raise self.error
+
+    def not_coming(self, key: Key) -> StageFailure:
+        """``key`` is needed, but its source sends nothing more in this phase."""
+        kind, n, src, _ = key
+        return StageFailure(
+            f"stage {self.stage}: needs {kind} of micro-batch {n} from stage {src}, "
+            "which sends it nothing more in this phase"
+        )
+
+    def _wrap(self, exc: BaseException, peer: int, what: str, waited: float) -> StageFailure:
+        if isinstance(exc, StageFailure):
+            return exc
+        if _is_timeout(exc):
+            return PeerTimeout(
+                f"stage {self.stage}: stage {peer} did not {what} within {max(waited, 0):.3g} s",
+                peer,
+            )
+        if _is_broken(exc):
+            return PeerLost(f"stage {self.stage}: lost stage {peer} while it had to {what}", peer)
+        return StageFailure(f"stage {self.stage}: channel to stage {peer} failed: {exc}")
+
+
+class _InFlight:
+    """Emulated latency: one thread per outgoing channel holds each message for its time in
+    flight, then posts it on the wire."""
+
+    def __init__(self, stage: int, wire: UnixWire | GroupWire, errors: ChannelErrors) -> None:
+        self._stage = stage
+        self._wire = wire
+        self._errors = errors
+        self._queues: dict[int, queue.Queue[Any]] = {}
+        self._threads: list[threading.Thread] = []
+
+    def put(
+        self, dst: int, kind: str, n: int, tensor: torch.Tensor | None, latency_s: float
     ) -> None:
-        prefixed = dist.PrefixStore(name, store)
-        if backend == "gloo":
-            opts = dist.ProcessGroupGloo._Options()
-            opts._devices = [_gloo_device(host)]
-            opts._timeout = timeout
-            self.pg: Any = dist.ProcessGroupGloo(prefixed, rank, 2, opts)
-        else:
-            opts = dist.ProcessGroupNCCL.Options()
-            opts._timeout = timeout
-            self.pg = dist.ProcessGroupNCCL(prefixed, rank, 2, opts)
-        self.peer = 1 - rank
+        """Post the message to ``dst`` once ``latency_s`` has passed (from now)."""
+        if dst not in self._queues:
+            self._queues[dst] = self._thread(dst)
+        self._queues[dst].put((kind, n, tensor, time.monotonic() + latency_s))
 
+    def join(self) -> None:
+        """Wait until every message handed over has been posted (or dropped on a failure)."""
+        for q in self._queues.values():
+            q.join()
 
-class _Inbound:
-    """The receiving end of one channel: how many messages the phase still expects, and the
-    receive posted for the next one."""
+    def stop(self) -> bool:
+        """Stop the threads (messages not yet sent are dropped); whether they all stopped."""
+        for q in self._queues.values():
+            q.put(None)
+        for thread in self._threads:
+            thread.join(timeout=2.0)
+        return not any(t.is_alive() for t in self._threads)
 
-    def __init__(self, src: int, pair: _Pair, capacity: int) -> None:
-        self.src = src
-        self.pair = pair
-        self.remaining = 0
-        self.capacity = capacity
-        self.buffer: torch.Tensor | None = None
-        self.work: Any = None
+    def _thread(self, dst: int) -> queue.Queue[Any]:
+        q: queue.Queue[Any] = queue.Queue()
+        name = f"in flight {self._stage}>{dst}"
+        thread = threading.Thread(target=self._send_later, args=(dst, q), name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+        return q
+
+    def _send_later(self, dst: int, q: queue.Queue[Any]) -> None:
+        tighten_timers()  # this thread only waits out latencies: wake it when they end
+        while True:
+            item = q.get()
+            try:
+                if item is None:
+                    return
+                kind, n, tensor, due = item
+                sleep_until(due, time.monotonic)
+                if self._errors.error is None:
+                    self._wire.post(dst, kind, n, tensor)
+                    self._wire.push(dst)  # the stage may be busy: see it out ourselves
+            except StageFailure:
+                pass  # recorded by the wire's post
+            finally:
+                q.task_done()
 
 
 class Channels:
@@ -279,13 +235,8 @@ class Channels:
         self.device = torch.device(device)
         self.backend = backend
         self.timeout = timedelta(seconds=timeout_s)
-        self._timeout_s = timeout_s
         self.bytes_sent: dict[int, int] = {stage: 0}
         self.latency_s = 0.0
-        # nccl needs a receive of the exact size: header and payload always separate there
-        first = HEADER_BYTES if backend == "nccl" else FIRST_CAPACITY
-        self._out: dict[int, _Pair] = {}
-        self._in: dict[int, _Inbound] = {}
         # which stages read our clock (same machine): messages to them may be sent early
         # and held there until due (emulated device time)
         mine = boot_id()
@@ -296,76 +247,44 @@ class Channels:
             for peer in (stage - 1, stage + 1)
             if 0 <= peer < num_stages
         }
-        self._links: dict[int, UnixLink] = {}
+        self._box: dict[Key, tuple[Any, float]] = {}  # arrived, not yet taken: (payload, due)
+        self._errors = ChannelErrors(stage)
+        links = None
         if unix_sockets and backend == "gloo" and bool(mine) and set(boots) == {mine}:
             links = connect_links(
-                store, f"{prefix}/unix", stage, num_stages, timeout_s, HEADER_BYTES, _decode
+                store, f"{prefix}/unix", stage, num_stages, timeout_s, HEADER_BYTES, decode
             )
-            self._links = links or {}
+        self._wire: UnixWire | GroupWire
+        if links:
+            self._wire = UnixWire(
+                links, stage, num_stages, timeout_s=timeout_s, box=self._box, errors=self._errors
+            )
+        else:
+            self._wire = GroupWire(
+                store, prefix, stage, num_stages, backend=backend, host=host,
+                device=self.device, timeout=self.timeout, box=self._box, errors=self._errors,
+            )  # fmt: skip
         #: how messages travel: "unix" (sockets between processes of one machine), or the
         #: torch.distributed backend
-        self.wire = "unix" if self._links else backend
-        self._spin_s = SPIN_S if self._links and _cores() >= num_stages else 0.0
-        # Build the groups in one global order (pair (0,1), then (1,2), ...) so that each
-        # group's two members meet without waiting on any other group.
-        for a in range(num_stages - 1) if self.wire != "unix" else ():
-            b = a + 1
-            if stage not in (a, b):
-                continue
-            for src, dst in ((a, b), (b, a)):
-                pair = _Pair(
-                    store, f"{prefix}/{src}>{dst}", 0 if stage == src else 1, backend, host,
-                    self.timeout,
-                )  # fmt: skip
-                if stage == src:
-                    self._out[dst] = pair
-                else:
-                    self._in[src] = _Inbound(src, pair, first)
-        self._box: dict[Key, tuple[Any, float]] = {}
-        self._capacity = dict.fromkeys(self._out, first)  # what the receiver has posted
-        self._error: BaseException | None = None
-        self._lock = threading.Lock()  # guards _error
-        self._threads: list[threading.Thread] = []
-        # per outgoing channel, the sends not yet known to be taken (each holds its buffers)
-        self._posted: dict[int, deque[list[Any]]] = {dst: deque() for dst in self._out}
-        self._delayed: dict[int, queue.Queue[Any]] = {}
-
-    def _thread(self, target: Any, dst: int, what: str) -> queue.Queue[Any]:
-        q: queue.Queue[Any] = queue.Queue()
-        name = f"{what} {self.stage}>{dst}"
-        thread = threading.Thread(target=target, args=(dst, q), name=name, daemon=True)
-        thread.start()
-        self._threads.append(thread)
-        return q
+        self.wire = "unix" if links else backend
+        self._in_flight = _InFlight(stage, self._wire, self._errors)
 
     # -- the transport protocol ----------------------------------------------------------------
     def begin(self, expect: Mapping[int, int], latency_s: float = 0.0) -> None:
         """Start a phase: receive ``expect[src]`` messages from each neighbour ``src``."""
-        self._raise_if_failed()
+        self._errors.check()
         self.latency_s = latency_s
         for src, count in expect.items():
-            if count <= 0:
-                continue
-            if self._links:
-                self._links[src].remaining = count
-                continue
-            inbound = self._in[src]
-            inbound.remaining = count
-            self._post_receive(inbound)
+            if count > 0:
+                self._wire.expect(src, count)
 
     def end(self) -> None:
         """End a phase: every expected message received, every send taken by its peer
         (each waited for at most ``timeout_s`` after the one before it)."""
-        for q in self._delayed.values():
-            q.join()
-        for dst in self._posted:
-            self._reap(dst, wait=True)
-        if self._links:
-            self._pump(lambda: not any(link.sending for link in self._links.values()),
-                       None, "take a message")  # fmt: skip
-        self._raise_if_failed()
-        late = {i.src: i.remaining for i in self._in.values() if i.remaining}
-        late.update({p: link.remaining for p, link in self._links.items() if link.remaining})
+        self._in_flight.join()
+        self._wire.finish()
+        self._errors.check()
+        late = self._wire.late()
         if late:
             raise StageFailure(
                 f"stage {self.stage}: messages still expected at a phase end: {late}"
@@ -380,8 +299,8 @@ class Channels:
 
     def send(self, key: Key, payload: Any, due: float | None = None) -> None:
         kind, n, src, dst = key
-        self._raise_if_failed()
-        if dst not in self._out and dst not in self._links:
+        self._errors.check()
+        if not self._wire.reaches(dst):
             raise StageFailure(f"stage {src}: no channel to stage {dst}")
         tensor = None
         if payload is not None:  # (each call on a tensor here is paid with cold caches)
@@ -392,259 +311,25 @@ class Channels:
                 tensor = tensor.contiguous()
             self.bytes_sent[src] += tensor.nbytes
         if due is not None:
-            self._post(dst, kind, n, tensor, due)
+            self._wire.post(dst, kind, n, tensor, due)
         elif self.latency_s:
-            if dst not in self._delayed:
-                self._delayed[dst] = self._thread(self._send_later, dst, "in flight")
-            self._delayed[dst].put((kind, n, tensor, time.monotonic() + self.latency_s))
+            self._in_flight.put(dst, kind, n, tensor, self.latency_s)
         else:
-            self._post(dst, kind, n, tensor)
+            self._wire.post(dst, kind, n, tensor)
 
     def ready(self, key: Key) -> bool:
         return key in self._box
 
     def recv(self, key: Key, timeout: float) -> Any:
-        kind, n, src, _ = key
         deadline = time.monotonic() + timeout
-        if self._links:
-            return self._recv_unix(key, deadline, timeout)
-        inbound = self._in.get(src)
-        while key not in self._box:
-            self._raise_if_failed()
-            if inbound is None or inbound.work is None:
-                raise StageFailure(
-                    f"stage {self.stage}: needs {kind} of micro-batch {n} from stage {src}, "
-                    "which sends it nothing more in this phase"
-                )
-            got_kind, got_n, payload, due = self._take(inbound, deadline, (kind, n))
-            self._box[(got_kind, got_n, src, self.stage)] = (payload, due)
-        return self._unboxed(key)
-
-    def _unboxed(self, key: Key) -> Any:
+        self._wire.receive(key, deadline, timeout)
         payload, due = self._box.pop(key)
         sleep_until(due)  # sent early: usable when due
         if payload is not None and payload.device != self.device:
             payload = payload.to(self.device)
         return payload
 
-    # -- the wire ----------------------------------------------------------------------------------
-    def _on_device(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(self.device) if self.backend == "nccl" else t
-
-    def _post(
-        self, dst: int, kind: str, n: int, tensor: torch.Tensor | None, due: float = 0.0
-    ) -> None:
-        """Post one message: header and payload packed into one transfer when they fit the
-        receive buffer the peer has posted, else the header and then the payload. ``due``:
-        the ``time.perf_counter`` time before which the receiver must not use it (0: none)."""
-        if self._links:
-            header = _header(kind, n, tensor, separate=False, due_ns=round(due * 1e9))
-            try:
-                self._links[dst].post(header_array(header), tensor)
-            except OSError as exc:
-                raise self._failed(exc, dst, "take a message", 0.0) from None
-            return
-        pair = self._out[dst]
-        nbytes = 0 if tensor is None else tensor.numel() * tensor.element_size()
-        together = self.backend != "nccl" and HEADER_BYTES + nbytes <= self._capacity[dst]
-        header = _header(kind, n, tensor, separate=not together, due_ns=round(due * 1e9))
-        if tensor is not None and together:
-            parts = [_packed(header, tensor)]
-        else:
-            parts = [self._on_device(torch.tensor(header, dtype=torch.int64))]
-            if tensor is not None:
-                parts.append(tensor)
-                self._capacity[dst] = _grown(self._capacity[dst], nbytes, self.backend)
-        self._reap(dst)
-        try:
-            works = [pair.pg.send([part], pair.peer, 0) for part in parts]
-        except Exception as exc:
-            raise self._failed(exc, dst, "take a message", 0.0) from None
-        self._posted[dst].append(works)  # the works hold their buffers until they complete
-
-    def _reap(self, dst: int, wait: bool = False) -> None:
-        """Let go of this channel's sends that the neighbour has taken, oldest first; with
-        ``wait``, of all of them, each waited for up to the timeout (a phase's end). No
-        thread waits on sends: waking one per message cost as much as the message."""
-        posted = self._posted[dst]
-        while posted:
-            works = posted[0]
-            if all(w.is_completed() for w in works):
-                for work in works:  # returns at once; raises what went wrong
-                    self._wait(work, dst, None, "take a message")
-            elif wait:
-                for work in works:
-                    self._wait(work, dst, time.monotonic() + self.timeout.total_seconds(),
-                               "take a message")  # fmt: skip
-            else:
-                return
-            posted.popleft()
-
-    def _post_receive(self, inbound: _Inbound) -> None:
-        """Post the receive of the next message (its header, and its payload if it fits)."""
-        if self.backend == "nccl":
-            inbound.buffer = torch.empty(HEADER, dtype=torch.int64, device=self.device)
-        else:
-            inbound.buffer = torch.empty(inbound.capacity, dtype=torch.uint8)
-        try:
-            inbound.work = inbound.pair.pg.recv([inbound.buffer], inbound.pair.peer, 0)
-        except Exception as exc:
-            raise self._failed(exc, inbound.src, "send its next message", 0.0) from None
-
-    def _take(
-        self, inbound: _Inbound, deadline: float, wanted: tuple[str, int]
-    ) -> tuple[str, int, Any, float]:
-        """Wait for the next message of ``inbound``'s channel and post the receive of the
-        one after it; returns its kind, micro-batch, payload and due time (0: none)."""
-        what = f"send its {wanted[0]} of micro-batch {wanted[1]}"
-        self._wait(inbound.work, inbound.src, deadline, what)
-        for dst in self._posted:  # let sent buffers go before allocating receive buffers
-            self._reap(dst)
-        buffer = inbound.buffer
-        assert buffer is not None
-        if self.backend == "nccl":
-            h = buffer.tolist()
-        else:
-            h = buffer.numpy()[:HEADER_BYTES].view(np.int64).tolist()
-        kind, n, flags, due = KINDS[h[0]], h[1], h[4], h[5] / 1e9
-        shape, dtype = h[DIMS : DIMS + h[3]], DTYPES[h[2]]
-        payload = None
-        if flags & SEPARATE:
-            device = self.device if self.backend == "nccl" else torch.device("cpu")
-            payload = torch.empty(shape, dtype=dtype, device=device)
-            try:
-                work = inbound.pair.pg.recv([payload], inbound.pair.peer, 0)
-            except Exception as exc:
-                raise self._failed(exc, inbound.src, what, 0.0) from None
-            self._wait(work, inbound.src, deadline, what)
-            nbytes = payload.numel() * payload.element_size()
-            inbound.capacity = _grown(inbound.capacity, nbytes, self.backend)
-        elif not flags & NONE:
-            nbytes = torch.Size(shape).numel() * dtype.itemsize
-            payload = buffer[HEADER_BYTES : HEADER_BYTES + nbytes].view(dtype).reshape(shape)
-            if 2 * nbytes < buffer.numel():  # a stage may keep it: not the whole buffer
-                payload = payload.clone()
-        inbound.remaining -= 1
-        inbound.work = inbound.buffer = None
-        if inbound.remaining > 0:
-            self._post_receive(inbound)
-        return kind, n, payload, due
-
-    def _recv_unix(self, key: Key, deadline: float, timeout: float) -> Any:
-        kind, n, src, _ = key
-        link = self._links.get(src)
-        what = f"send its {kind} of micro-batch {n}"
-        while key not in self._box:
-            self._raise_if_failed()
-            if link is None or not (link.arrived or link.remaining):
-                raise StageFailure(
-                    f"stage {self.stage}: needs {kind} of micro-batch {n} from stage {src}, "
-                    "which sends it nothing more in this phase"
-                )
-            if not link.arrived:
-                self._pump(lambda: bool(link.arrived), deadline, what, src, timeout)
-            self._unpack_arrived()
-        return self._unboxed(key)
-
-    def _unpack_arrived(self) -> None:
-        """Move the messages read whole on every link into the mailbox."""
-        for src, link in self._links.items():
-            while link.arrived:
-                h, payload = link.arrived.popleft()
-                self._box[(KINDS[h[0]], h[1], src, self.stage)] = (payload, h[5] / 1e9)
-
-    def _pump(
-        self,
-        until: Any,
-        deadline: float | None,
-        what: str,
-        blame: int | None = None,
-        timeout: float | None = None,
-    ) -> None:
-        """Move bytes on the unix links until ``until()``; ``deadline`` None: up to the
-        timeout after the last progress. A timeout blames ``blame`` (None: a link still
-        sending, whose peer takes nothing)."""
-        links = self._links.values()
-        while True:
-            limit = deadline if deadline is not None else time.monotonic() + self._timeout_s
-            before = sum(link.progress for link in links)
-            try:
-                if pump(links, until, limit, self._spin_s):
-                    return
-            except ConnectionError as exc:
-                raise self._failed(exc, exc.peer, what, 0.0) from None  # type: ignore[attr-defined]
-            if deadline is None and sum(link.progress for link in links) != before:
-                continue  # still moving: not stuck
-            peer = blame
-            if peer is None:
-                peer = next(p for p, link in self._links.items() if link.sending)
-            waited = self._timeout_s if timeout is None else timeout
-            raise self._failed(TimeoutError("timed out"), peer, what, waited)
-
-    def _wait(self, work: Any, peer: int, deadline: float | None, what: str) -> None:
-        """Wait for ``work`` until ``deadline`` (None: it has completed, no timeout needed)."""
-        left = 0.0 if deadline is None else deadline - time.monotonic()
-        try:
-            if deadline is None:
-                work.wait()
-            else:
-                work.wait(timedelta(seconds=max(left, 0.001)))
-        except Exception as exc:
-            raise self._failed(exc, peer, what, left) from None
-
-    # -- failures ----------------------------------------------------------------------------------
-    def _failed(self, exc: BaseException, peer: int, what: str, waited: float) -> StageFailure:
-        """Record the channel's first failure (so every later call raises it) and return it."""
-        error = self._wrap(exc, peer, what, waited)
-        with self._lock:
-            if self._error is None:
-                self._error = error
-        return error
-
-    def _raise_if_failed(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def _wrap(self, exc: BaseException, peer: int, what: str, waited: float) -> StageFailure:
-        if isinstance(exc, StageFailure):
-            return exc
-        if _is_timeout(exc):
-            return PeerTimeout(
-                f"stage {self.stage}: stage {peer} did not {what} within {max(waited, 0):.3g} s",
-                peer,
-            )
-        if _is_broken(exc):
-            return PeerLost(f"stage {self.stage}: lost stage {peer} while it had to {what}", peer)
-        return StageFailure(f"stage {self.stage}: channel to stage {peer} failed: {exc}")
-
-    # -- emulated latency --------------------------------------------------------------------------
-    def _send_later(self, dst: int, q: queue.Queue[Any]) -> None:
-        tighten_timers()  # this thread only waits out latencies: wake it when they end
-        while True:
-            item = q.get()
-            try:
-                if item is None:
-                    return
-                kind, n, tensor, due = item
-                sleep_until(due, time.monotonic)
-                if self._error is None:
-                    self._post(dst, kind, n, tensor)
-                    if dst in self._links:  # the stage may be busy: see it out ourselves
-                        self._links[dst].drain(time.monotonic() + self._timeout_s)
-            except StageFailure:
-                pass  # recorded by _post
-            finally:
-                q.task_done()
-
     def close(self) -> None:
         """Stop the threads (messages not yet sent are dropped), then let the process groups
         go: torch must not destroy them while the interpreter shuts down (it can abort)."""
-        for q in self._delayed.values():
-            q.put(None)
-        for thread in self._threads:
-            thread.join(timeout=2.0)
-        for link in self._links.values():
-            link.close()
-        if not any(t.is_alive() for t in self._threads):
-            self._out.clear()
-            self._in.clear()
+        self._wire.close(idle=self._in_flight.stop())

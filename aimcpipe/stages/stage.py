@@ -30,12 +30,17 @@ paid on every action.
 The activation stash's size in bytes (what autograd saves, weights excluded) is measured
 with saved-tensor hooks on the first forward of each input shape and reused for later
 forwards of the same shape, whose graphs are the same.
+
+The stage keeps the activation stash and the actions; its pending update stash is a
+:class:`~aimcpipe.stages.pending_updates.PendingUpdates`, its weight snapshots a
+:class:`~aimcpipe.stages.weight_stash.WeightSnapshots` and its random state a
+:class:`~aimcpipe.stages.randomness.StageRandomState`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,10 +50,15 @@ from torch import nn
 from aimcpipe.analog.layers import AnalogLayer
 from aimcpipe.analog.tile import AnalogTile
 from aimcpipe.errors import ScheduleError
-from aimcpipe.seeding import derive_seed
 from aimcpipe.stages.backprop import prepare, run_backward
-from aimcpipe.stages.deferred_linear import apply_pending, defer_linear_gradients
-from aimcpipe.stages.randomness import draws_global_random, loss_draws_global_random
+from aimcpipe.stages.deferred_linear import defer_linear_gradients
+from aimcpipe.stages.pending_updates import PendingUpdates
+from aimcpipe.stages.randomness import (
+    StageRandomState,
+    draws_global_random,
+    loss_draws_global_random,
+)
+from aimcpipe.stages.weight_stash import WeightSnapshots
 
 __all__ = ["LossFn", "LossStats", "Stage", "StageCounters", "summarize"]
 
@@ -125,10 +135,6 @@ class _Stashed:
 _NO_SWAP = nullcontext()
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 class Stage:
     """Stage ``index`` of ``num_stages``: ``blocks`` are ``(qualified name, module)`` pairs
     applied in order. The last stage needs ``loss_fn(output, target)`` (a mean over the
@@ -150,7 +156,7 @@ class Stage:
         self.index = index
         self.num_stages = num_stages
         self.names = tuple(name for name, _ in blocks)
-        modules, self._linears = defer_linear_gradients([m for _, m in blocks])
+        modules, linears = defer_linear_gradients([m for _, m in blocks])
         self.modules = nn.ModuleList(modules)
         self.is_first = index == 0
         self.is_last = index == num_stages - 1
@@ -163,37 +169,25 @@ class Stage:
         anchors = {id(layer.anchor) for layer in self.analog}
         self.digital = [p for p in self.modules.parameters() if id(p) not in anchors]
         self._tiles = [m for m in self.modules.modules() if isinstance(m, AnalogTile)]
-        # each analog layer's list of recorded (x, d), read without nn.Module lookups
-        self._records_of = [layer.analog.pending for layer in self.analog]
-        self._records_of += [layer.pending for layer in self._linears]
         # storages of weights, which autograd also saves but are not activations (updates are
         # in place, so these stay valid; build stages after moving the model to its device)
         self._weight_storages = {t.untyped_storage().data_ptr() for t in self._weight_tensors()}
         self.version = 0
         self.counters = StageCounters()
-        self._stash: dict[int, _Stashed] = {}
-        # n -> ([per analog layer: list of (x, d)], [per digital param: grad or None], or
-        # None where n's gradients went into its group's running sum)
-        self._pending: dict[int, tuple[list[list[Any]], list[torch.Tensor | None] | None]] = {}
-        # update group -> (micro-batches summed so far, per digital param: their sum)
-        self._sums: dict[tuple[int, ...], tuple[list[int], list[torch.Tensor | None]]] = {}
-        self._pending_bytes: dict[int, int] = {}
-        self._snapshots: dict[int, list[torch.Tensor]] = {}  # version -> weights (stashing)
-        self._seed = seed
-        generator = torch.Generator().manual_seed(derive_seed(seed, "stage-rng", index))
-        self._rng_state = generator.get_state()
-        self._swaps_rng = True
+        self._stash: dict[int, _Stashed] = {}  # the activation stash
+        self._updates = PendingUpdates(self.analog, linears, self.digital)
+        self._weights = WeightSnapshots(self._tiles, self.digital)  # (weight stashing)
+        self._rng = StageRandomState(seed, index)
         self.recheck_randomness()
         self._stash_nbytes: dict[tuple[Any, ...], int] = {}  # input signature -> bytes
         self._held_bytes = 0  # activation stashes + pending updates
-        self._snapshot_bytes = 0
         prepare()  # PyTorch's one-off cost of a first backward, here rather than in action B0
 
     def recheck_randomness(self) -> None:
         """Decide whether actions swap in the stage's own random state: only if a module, a
         hook or the loss might draw from torch's global generator (called at construction
         and by the worker at every epoch's start)."""
-        self._swaps_rng = draws_global_random(self.modules) or (
+        self._rng.swaps = draws_global_random(self.modules) or (
             self.is_last and loss_draws_global_random(self.loss_fn)
         )
 
@@ -201,29 +195,19 @@ class Stage:
     @property
     def held(self) -> int:
         """Micro-batches held from F until the U that applies them (the stash count)."""
-        return len(self._stash) + len(self._pending)
+        return len(self._stash) + len(self._updates.pending)
 
     def _note_stash(self) -> None:
         c = self.counters
-        held = len(self._stash) + len(self._pending)
+        held = len(self._stash) + len(self._updates.pending)
         if held > c.peak_stash:
             c.peak_stash = held
-        nbytes = self._held_bytes + self._snapshot_bytes
+        nbytes = self._held_bytes + self._weights.nbytes
         if nbytes > c.peak_stash_bytes:
             c.peak_stash_bytes = nbytes
 
-    def _own_rng(self) -> AbstractContextManager[None]:
-        return self._swapped_rng() if self._swaps_rng else _NO_SWAP
-
-    @contextmanager
-    def _swapped_rng(self) -> Iterator[None]:
-        saved = torch.get_rng_state()
-        torch.set_rng_state(self._rng_state)
-        try:
-            yield
-        finally:
-            self._rng_state = torch.get_rng_state()
-            torch.set_rng_state(saved)
+    def _weight_tensors(self) -> list[torch.Tensor]:
+        return list(self.modules.parameters()) + list(self.modules.buffers())
 
     def _run_blocks(self, x: torch.Tensor) -> torch.Tensor:
         for module in self.modules:
@@ -238,16 +222,15 @@ class Stage:
         (detached), or on the last stage ``(loss, stats)`` where stats holds the
         micro-batch's loss and what its correct count is computed from (:class:`LossStats`;
         ``stats.as_dict()`` or :func:`summarize` give the numbers)."""
-        if n in self._stash or n in self._pending:
+        if n in self._stash or n in self._updates.pending:
             raise ScheduleError(f"stage {self.index}: F{n} runs twice")
         if not self.is_first and x.is_floating_point():
             x = x.detach().requires_grad_(True)
-        if self.weight_stashing and self.version not in self._snapshots:
-            self._snapshots[self.version] = [t.detach().clone() for t in self._stashable()]
-            self._snapshot_bytes = sum(_nbytes(t) for v in self._snapshots.values() for t in v)
+        if self.weight_stashing:
+            self._weights.keep(self.version)
         signature = (x.shape, x.dtype, None if target is None else target.shape)
         nbytes = self._stash_nbytes.get(signature)
-        with self._own_rng(), _NO_SWAP if torch.is_grad_enabled() else torch.enable_grad():
+        with self._rng.own(), _NO_SWAP if torch.is_grad_enabled() else torch.enable_grad():
             if nbytes is None:
                 y, stats, nbytes = self._measured_forward(n, x, target)
                 self._stash_nbytes[signature] = nbytes
@@ -291,7 +274,7 @@ class Stage:
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             y, stats = self._forward(n, x, target)
-        saved.setdefault(x.untyped_storage().data_ptr(), _nbytes(x))
+        saved.setdefault(x.untyped_storage().data_ptr(), x.nbytes)
         return y, stats, sum(saved.values())
 
     def backward(
@@ -313,129 +296,37 @@ class Stage:
             raise ScheduleError(
                 f"stage {self.index}: B{n} has no gradient from stage {self.index + 1}"
             )
-        summed = self._summed_into(n, group)
+        summed = self._updates.prepare(n, group)
         delay = self.version - stashed.version
         hist = self.counters.staleness_histogram
         hist[delay] = hist.get(delay, 0) + 1
-        records_of = self._records_of
-        for pending in records_of:
-            pending.clear()
-        if summed is None:
-            for p in self.digital:
-                p.grad = None
-        else:  # autograd adds this micro-batch's gradient to the group's sum so far
-            for p, total in zip(self.digital, summed[1], strict=True):
-                p.grad = total
         self._held_bytes -= stashed.nbytes
         if self.weight_stashing:
-            with self._own_rng(), self._weights_of(stashed.version):
+            with self._rng.own(), self._weights.swapped_in(stashed.version, self.version):
                 run_backward(stashed.output, grad)
         else:
-            with self._own_rng():
+            with self._rng.own():
                 run_backward(stashed.output, grad)
-        records = [pending[:] for pending in records_of]
-        grads: list[torch.Tensor | None] | None = [p.grad for p in self.digital]
-        for pending in records_of:
-            pending.clear()
-        for p in self.digital:
-            p.grad = None  # the gradient is now only ours (update may add into it)
-        if summed is not None:
-            summed[0].append(n)
-            summed[1][:] = grads  # type: ignore[index]
-            grads = None  # in the group's sum
-        self._pending[n] = (records, grads)
-        pending = sum(_nbytes(x) + _nbytes(d) for per_layer in records for x, d in per_layer)
-        self._pending_bytes[n] = pending
-        self._held_bytes += pending
-        self._release_snapshots()
+        self._held_bytes += self._updates.keep(n, summed)
+        if self._weights.snapshots:
+            self._weights.release({s.version for s in self._stash.values()})
         self._note_stash()
         if self.is_first or not stashed.inputs.requires_grad:
             return None
         return stashed.inputs.grad
 
-    def _summed_into(
-        self, n: int, group: tuple[int, ...] | None
-    ) -> tuple[list[int], list[torch.Tensor | None]] | None:
-        """The running sum (members so far, per-parameter sums) that B(n) adds to, or None
-        to keep n's gradients apart: without a group, or when n does not come next in it."""
-        if group is None or not self.digital:
-            return None
-        summed = self._sums.get(group)
-        if summed is None:
-            if n != group[0]:
-                return None
-            summed = self._sums[group] = ([], [None] * len(self.digital))
-        members = summed[0]
-        if len(members) >= len(group) or group[len(members)] != n:
-            return None
-        return summed
-
     @torch.no_grad()
     def update(self, microbatches: Sequence[int]) -> None:
         """U(ns): apply the pending updates of ``ns`` as their mean at the stage's lr."""
-        missing = [n for n in microbatches if n not in self._pending]
+        missing = [n for n in microbatches if n not in self._updates.pending]
         if missing:
             raise ScheduleError(
                 f"stage {self.index}: U applies micro-batch {missing[0]} that has no "
                 "completed backward on this stage"
             )
-        entries = [self._pending.pop(n) for n in microbatches]
-        for n in microbatches:
-            self._held_bytes -= self._pending_bytes.pop(n)
-        scale = 1.0 / len(entries)
-        for i, layer in enumerate(self.analog):
-            layer.analog.pending[:] = [rec for records, _ in entries for rec in records[i]]
-            layer.analog.apply_pending(self.lr, scale)
-        for i, linear in enumerate(self._linears, start=len(self.analog)):
-            apply_pending(
-                linear, [rec for records, _ in entries for rec in records[i]], -self.lr * scale
-            )
-        # the group's running sum (all or some of its micro-batches), then any kept apart
-        summed = self._sums.pop(tuple(microbatches), None)
-        for j, p in enumerate(self.digital):
-            total: torch.Tensor | None = None if summed is None else summed[1][j]
-            for _, grads in entries:
-                g = None if grads is None else grads[j]
-                if g is None:
-                    continue
-                total = g if total is None else total.add_(g)  # backward handed them over
-            if total is not None:
-                p.data.add_(total, alpha=-self.lr * scale)
-        self.version += len(entries)
-        self.counters.updates_applied += len(entries)
-
-    # -- weight stashing -------------------------------------------------------------------
-    def _weight_tensors(self) -> list[torch.Tensor]:
-        return list(self.modules.parameters()) + list(self.modules.buffers())
-
-    def _stashable(self) -> list[torch.Tensor]:
-        """What a backward reads: the tiles' weights and the digital parameters."""
-        return [tile.weight for tile in self._tiles] + [p.data for p in self.digital]
-
-    @contextmanager
-    def _weights_of(self, version: int) -> Iterator[None]:
-        snapshot = self._snapshots.get(version) if self.weight_stashing else None
-        if snapshot is None or version == self.version:
-            yield
-            return
-        current = self._stashable()
-        saved = [t.clone() for t in current]
-        for t, old in zip(current, snapshot, strict=True):
-            t.copy_(old)
-        try:
-            yield
-        finally:
-            for t, new in zip(current, saved, strict=True):
-                t.copy_(new)
-
-    def _release_snapshots(self) -> None:
-        if not self._snapshots:
-            return
-        live = {s.version for s in self._stash.values()}
-        for version in list(self._snapshots):
-            if version not in live:
-                del self._snapshots[version]
-        self._snapshot_bytes = sum(_nbytes(t) for v in self._snapshots.values() for t in v)
+        self._held_bytes -= self._updates.apply(microbatches, self.lr)
+        self.version += len(microbatches)
+        self.counters.updates_applied += len(microbatches)
 
     # -- inference and state ---------------------------------------------------------------
     @contextmanager
@@ -444,36 +335,25 @@ class Stage:
         and the stage's torch random state are replaced by ones seeded from ``stream`` and
         restored afterwards, so evaluating — on any data, in any chunks, or not at all —
         never changes what training draws."""
-        tiles = self._tiles
-        kept = [tile._generator for tile in tiles]
-        kept_rng = self._rng_state
         training = self.modules.training
         try:
-            for tile in tiles:
-                g = torch.Generator(device=tile.weight.device)
-                g.manual_seed(derive_seed(tile.seed, "eval", stream))
-                tile._generator = g
-            self.modules.train(False)
-            seed = derive_seed(self._seed, "eval", self.index, stream)
-            self._rng_state = torch.Generator().manual_seed(seed).get_state()
-            yield
+            with self._rng.evaluation(self._tiles, stream):
+                self.modules.train(False)
+                yield
         finally:
-            for tile, g in zip(tiles, kept, strict=True):
-                tile._generator = g
-            self._rng_state = kept_rng
             self.modules.train(training)
 
     @torch.no_grad()
     def infer(self, x: torch.Tensor) -> torch.Tensor:
         """Forward without recording anything (on the stage's own random state); use inside
         :meth:`evaluation`."""
-        with self._own_rng():
+        with self._rng.own():
             return self._run_blocks(x)
 
     @property
     def idle(self) -> bool:
         """No activation or pending update held (the pipeline is drained here)."""
-        return not self._stash and not self._pending
+        return not self._stash and not self._updates.pending
 
     def model_state(self) -> dict[str, Any]:
         """The blocks' state_dict with the keys of the whole model (``"<block>.<key>"``)."""
@@ -494,7 +374,7 @@ class Stage:
             "blocks": {
                 name: m.state_dict() for name, m in zip(self.names, self.modules, strict=True)
             },
-            "rng_state": self._rng_state.clone(),
+            "rng_state": self._rng.state.clone(),
             "version": self.version,
             "lr": self.lr,
         }
@@ -502,6 +382,6 @@ class Stage:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name, module in zip(self.names, self.modules, strict=True):
             module.load_state_dict(state["blocks"][name])
-        self._rng_state = state["rng_state"].clone()
+        self._rng.state = state["rng_state"].clone()
         self.version = int(state["version"])
         self.lr = float(state["lr"])

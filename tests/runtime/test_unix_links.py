@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from aimcpipe.runtime.channels import DTYPES, HEADER, HEADER_BYTES, _decode, _header
+from aimcpipe.runtime.message_format import DTYPES, HEADER, HEADER_BYTES, decode, make_header
 from aimcpipe.runtime.unix_links import (
     UnixLink,
     byte_view,
@@ -43,7 +43,7 @@ def test_byte_view_of_a_scalar_and_an_empty_tensor():
 
 def _pair(sndbuf: int | None = None) -> tuple[UnixLink, UnixLink]:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    left, right = (UnixLink(s, peer, HEADER_BYTES, _decode) for s, peer in ((a, 1), (b, 0)))
+    left, right = (UnixLink(s, peer, HEADER_BYTES, decode) for s, peer in ((a, 1), (b, 0)))
     if sndbuf is not None:  # a small kernel buffer: sends are taken in pieces
         for link in (left, right):
             for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
@@ -52,7 +52,7 @@ def _pair(sndbuf: int | None = None) -> tuple[UnixLink, UnixLink]:
 
 
 def _send(link: UnixLink, n: int, payload: torch.Tensor | None) -> None:
-    link.post(header_array(_header("activation", n, payload, separate=False)), payload)
+    link.post(header_array(make_header("activation", n, payload, separate=False)), payload)
 
 
 def test_messages_arrive_whole_and_in_order_through_a_small_buffer():

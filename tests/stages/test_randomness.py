@@ -46,7 +46,7 @@ def test_a_stage_with_dropout_still_draws_from_its_own_state():
         torch.manual_seed(0)
         net = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
         stage = Stage(0, 2, [("net", net)], lr=0.1, seed=3)
-        assert stage._swaps_rng
+        assert stage._rng.swaps
         y, _ = stage.forward(0, torch.ones(2, 4))
         return y
 
@@ -58,7 +58,7 @@ def test_a_stage_with_dropout_still_draws_from_its_own_state():
 
 def test_a_stage_without_randomness_leaves_the_global_state_alone():
     stage = Stage(0, 2, [("fc", nn.Linear(4, 4))], lr=0.1)
-    assert not stage._swaps_rng
+    assert not stage._rng.swaps
     before = torch.get_rng_state()
     stage.forward(0, torch.ones(2, 4))
     assert torch.equal(torch.get_rng_state(), before)
@@ -81,10 +81,10 @@ def test_a_hook_is_user_code_that_may_draw():
 def test_a_stage_sees_hooks_registered_before_an_epoch():
     fc = nn.Linear(4, 4)
     stage = Stage(0, 2, [("fc", fc)], lr=0.1, seed=3)
-    assert not stage._swaps_rng
+    assert not stage._rng.swaps
     fc.register_forward_hook(lambda m, i, o: o + torch.randn_like(o))
     stage.recheck_randomness()  # what the worker does at every epoch's start
-    assert stage._swaps_rng
+    assert stage._rng.swaps
 
     def output(global_seed: int) -> torch.Tensor:
         torch.manual_seed(global_seed)  # the caller's state, which must not matter

@@ -157,7 +157,7 @@ def test_async_backward_sees_updates_its_forward_did_not():
     stages = _run(stashed, build_schedule("async", 4, 4, 1, weight_stashing=True))
     assert stages[1].weight_stashing
     assert _max_diff(plain_async, stashed) > 1e-6
-    assert not stages[0]._snapshots  # snapshots are freed once their backwards ran
+    assert not stages[0]._weights.snapshots  # snapshots are freed once their backwards ran
 
 
 def test_weight_stashing_with_one_stage_changes_nothing():
@@ -306,7 +306,7 @@ def test_stash_bytes_are_measured_once_per_input_shape_and_stay_right():
     assert fresh.counters.peak_stash_bytes == one
     for n in range(3):
         stage.backward(n, torch.ones(B if n < 2 else 2 * B, 8))
-    assert stage._held_bytes == sum(stage._pending_bytes.values())
+    assert stage._held_bytes == sum(stage._updates.pending_bytes.values())
 
 
 def _interleaving(feed_on: str) -> tuple[list[Action], list[torch.Tensor]]:
@@ -478,11 +478,11 @@ def test_a_summed_group_holds_one_gradient_set_not_one_per_microbatch():
     for n in range(3):
         stage.forward(n, x[n * B : (n + 1) * B], y[n * B : (n + 1) * B])
         stage.backward(n, None, (0, 1, 2))
-    assert all(grads is None for _, grads in stage._pending.values())
-    ((members, sums),) = stage._sums.values()
+    assert all(grads is None for _, grads in stage._updates.pending.values())
+    ((members, sums),) = stage._updates.sums.values()
     assert members == [0, 1, 2] and len(sums) == len(stage.digital)
     stage.update((0, 1, 2))
-    assert stage.idle and not stage._sums
+    assert stage.idle and not stage._updates.sums
 
 
 def test_the_interpreter_gives_each_backward_the_group_of_its_update():
