@@ -24,7 +24,6 @@ import types
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from aimcpipe.analog.config import AnalogConfig
@@ -248,9 +247,7 @@ def _rows(section: Section) -> Iterator[str]:
 
 
 def _source(cls: type) -> str:
-    path = Path(inspect.getfile(cls)).resolve()
-    root = Path(__file__).resolve().parents[2]
-    rel = path.relative_to(root).as_posix()
+    rel = cls.__module__.replace(".", "/") + ".py"  # the repository path of the module
     return f"`{cls.__module__}.{cls.__qualname__}` in [`{rel}`](../{rel})"
 
 
