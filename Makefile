@@ -3,12 +3,14 @@
 #                of the digits analog pipeline at 1, 2 and 4 stages under every policy, one
 #                process per stage on this machine, with emulated device time
 #   make test  - set up .venv, lint, run the test suite
+# and for contributors:
+#   make docs  - regenerate docs/config.md from the config schema's docstrings
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run lsq test lint bench clean
+.PHONY: setup run lsq test lint docs bench clean
 
 setup: $(STAMP)
 
@@ -31,6 +33,10 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/pytest -q
+
+docs: $(STAMP)
+	$(BIN)/python -m aimcpipe.launch.config_docs > docs/config.md.tmp
+	mv docs/config.md.tmp docs/config.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -58,28 +58,41 @@ class DeviceConfig:
       q− = (1−up_down)·(2(w − w_min)/(w_max − w_min))^pow_gamma; with pow_gamma = 1 and
       symmetric bounds it equals soft-bounds.
 
-    ``dw_min`` is the step of one pulse (used by the pulsed update, and as the unit of write
-    noise). The ``*_dtod`` values are relative standard deviations of per-cross-point
-    parameters, drawn once per tile from its seed (``up_down_dtod`` is absolute).
-    ``dw_min_std`` is the relative cycle-to-cycle noise of each pulse. With
-    ``write_noise_std``, what MVMs read after each update is the device state plus a fresh
-    ``write_noise_std · dw_min · ξ`` (the noise is redrawn, it does not accumulate).
-    ``tau`` and explicit ``w_max``/``w_min`` are alternatives: give one or the other.
+    The ``*_dtod`` values are device-to-device variation: standard deviations of
+    per-cross-point parameters, drawn once per tile from its seed.
     """
 
     kind: DeviceKind = "soft-bounds"
+    """The device model: ``ideal``, ``soft-bounds``, ``constant-step`` or ``power-step``
+    (response factors above)."""
     tau: float | None = None
+    """Symmetric bounds: with ``tau`` set, w_max = tau and w_min = −tau, which gives the
+    papers' ``q±(w) = 1 ∓ w/τ``. An alternative to explicit ``w_max``/``w_min``: give one or
+    the other."""
     w_max: float = 1.0
+    """The upper bound of a weight (> 0 unless ``kind: ideal``)."""
     w_min: float = -1.0
+    """The lower bound of a weight (< 0 unless ``kind: ideal``)."""
     dw_min: float = 0.001
+    """The step of one pulse (used by the pulsed update, and as the unit of write noise)."""
     up_down: float = 0.0
+    """Up/down asymmetry in (−1, 1): q+ carries a factor 1+up_down, q− a factor
+    1−up_down."""
     pow_gamma: float = 1.0
+    """The exponent of ``power-step`` (> 0)."""
     dw_min_dtod: float = 0.0
+    """Device-to-device variation of ``dw_min``: relative standard deviation."""
     w_max_dtod: float = 0.0
+    """Device-to-device variation of ``w_max``: relative standard deviation."""
     w_min_dtod: float = 0.0
+    """Device-to-device variation of ``w_min``: relative standard deviation."""
     up_down_dtod: float = 0.0
+    """Device-to-device variation of ``up_down``: absolute standard deviation."""
     dw_min_std: float = 0.0
+    """The relative cycle-to-cycle noise of each pulse."""
     write_noise_std: float = 0.0
+    """Write noise: what MVMs read after each update is the device state plus a fresh
+    ``write_noise_std · dw_min · ξ`` (the noise is redrawn, it does not accumulate)."""
 
     def __post_init__(self) -> None:
         if self.kind not in DEVICE_KINDS:
@@ -134,11 +147,20 @@ class IOConfig:
     """
 
     noise_management: Literal["none", "abs-max"] = "none"
+    """``abs-max``: divide each sample's input by its ``max|x|`` before the MVM and multiply
+    the output back; ``none``: no scaling."""
     inp_bound: float = 0.0
+    """Inputs are clipped to ``[-inp_bound, inp_bound]`` (0: unbounded)."""
     inp_res: float = 0.0
+    """Input quantisation step as a fraction of the range ``2·inp_bound`` (``1/254``: 8
+    bits; 0: none; needs ``inp_bound`` > 0)."""
     out_noise: float = 0.0
+    """Standard deviation of the Gaussian noise added to each output."""
     out_bound: float = 0.0
+    """Outputs are clipped to ``[-out_bound, out_bound]`` (0: unbounded)."""
     out_res: float = 0.0
+    """Output quantisation step as a fraction of the range ``2·out_bound`` (0: none; needs
+    ``out_bound`` > 0)."""
 
     def __post_init__(self) -> None:
         if self.noise_management not in ("none", "abs-max"):
@@ -187,19 +209,18 @@ def io_preset(name: str) -> IOConfig:
 
 @dataclass(frozen=True)
 class UpdateConfig:
-    """How an update request reaches the devices.
-
-    ``mode: expected`` applies the expected device response in closed form;
-    ``granularity`` chooses whether the asymmetric term uses the magnitude of the summed
-    update (``batch``, the papers' ``W ← W − αg − (α/τ)|g|⊙W``) or the sum of per-sample
-    magnitudes (``sample``, what pulsed hardware does in expectation; docs/design.md §3).
-    ``mode: pulsed`` fires stochastic pulse trains of at most ``desired_bl`` bits per sample
-    (aihwkit's StochasticCompressed with update bit-length management).
-    """
+    """How an update request reaches the devices (docs/design.md §3)."""
 
     mode: Literal["expected", "pulsed"] = "expected"
+    """``expected`` applies the expected device response in closed form; ``pulsed`` fires
+    stochastic pulse trains of at most ``desired_bl`` bits per sample (aihwkit's
+    StochasticCompressed with update bit-length management)."""
     granularity: Literal["sample", "batch"] = "sample"
+    """``mode: expected``: whether the asymmetric term uses the magnitude of the summed
+    update (``batch``, the papers' ``W ← W − αg − (α/τ)|g|⊙W``) or the sum of per-sample
+    magnitudes (``sample``, what pulsed hardware does in expectation)."""
     desired_bl: int = 31
+    """``mode: pulsed``: the most pulses (bits) per sample of one update (>= 1)."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("expected", "pulsed"):
@@ -218,10 +239,9 @@ class UpdateConfig:
 @dataclass(frozen=True)
 class TikiTakaConfig:
     """Tiki-Taka v1 (arXiv 2406.12774 §4): gradients go to a fast tile A at the optimizer's
-    learning rate β; every ``transfer_every`` updates, ``transfer_columns`` columns of A (cycling,
-    ``None`` = all) are read through the forward IO and written onto the slow tile C at
-    ``transfer_lr`` α through C's device (``None``: α = β, following the learning-rate
-    schedule; a number is a fixed α). Forward and backward MVMs use ``C + gamma·A``.
+    learning rate β; every ``transfer_every`` updates, ``transfer_columns`` columns of A
+    (cycling) are read through the forward IO and written onto the slow tile C at
+    ``transfer_lr`` α through C's device. Forward and backward MVMs use ``C + gamma·A``.
 
     "Updates" are updates of A: one per ``U`` action of a pipeline stage, i.e. one per
     mini-batch under wop and sync-1f1b (A gets the mean of Bm micro-batches) and one per
@@ -229,9 +249,14 @@ class TikiTakaConfig:
     at the same α; to transfer per sample count instead, scale ``transfer_every`` with Bm."""
 
     transfer_every: int = 1
+    """Transfer from A to C every this many updates of A (>= 1)."""
     transfer_columns: int | None = None
+    """Columns of A (cycling) transferred each time (>= 1); null: all of them."""
     transfer_lr: float | None = None
+    """The transfer learning rate α; null: α = β, following the learning-rate schedule; a
+    number is a fixed α (> 0)."""
     gamma: float = 0.0
+    """The weight of A in what MVMs read, ``C + gamma·A`` (>= 0)."""
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -259,15 +284,22 @@ class TikiTakaConfig:
 @dataclass(frozen=True)
 class AnalogConfig:
     """Everything an analog layer needs: the update rule, the device, forward/backward IO and
-    the update mechanism. ``digital-sgd`` keeps the weights digital (ideal device, no bounds)
-    but still runs MVMs through the configured IO."""
+    the update mechanism."""
 
     rule: Rule = "analog-sgd"
+    """The update rule: ``digital-sgd`` keeps the weights digital (ideal device, no bounds)
+    but still runs MVMs through the configured IO; ``analog-sgd`` writes the gradient
+    through the device; ``tiki-taka`` uses two tiles (``tiki_taka``)."""
     device: DeviceConfig = field(default_factory=DeviceConfig)
+    """How a cross-point responds to an update request."""
     forward: IOConfig = field(default_factory=IOConfig)
+    """The IO of forward MVMs, or a preset name: ``ideal`` or ``paper``."""
     backward: IOConfig = field(default_factory=IOConfig)
+    """The IO of backward MVMs, or a preset name: ``ideal`` or ``paper``."""
     update: UpdateConfig = field(default_factory=UpdateConfig)
+    """How an update request reaches the devices."""
     tiki_taka: TikiTakaConfig = field(default_factory=TikiTakaConfig)
+    """The Tiki-Taka settings (``rule: tiki-taka``)."""
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:

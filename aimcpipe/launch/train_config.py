@@ -50,14 +50,18 @@ def _at_least(path: str, value: Any, minimum: int) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A zoo model by ``name`` (lsq, fcn, digits-fcn, lenet, resnet10, resnet18) or a user
-    ``factory`` by import path (``"my_pkg.models:build"``), called with ``kwargs``.
-    ``analog_exclude`` lists layers (qualified names) that stay digital."""
+    """The model to train: a zoo model by ``name`` or a user ``factory`` by import path
+    (give exactly one of the two)."""
 
     name: str | None = None
+    """A zoo model: ``lsq``, ``fcn``, ``digits-fcn``, ``lenet``, ``resnet10`` or
+    ``resnet18``."""
     factory: str | None = None
+    """A user model factory by import path, ``"my_pkg.models:build"``."""
     kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments the zoo model or the factory is called with."""
     analog_exclude: list[str] = field(default_factory=list)
+    """Layers (qualified names) that stay digital."""
 
     def __post_init__(self) -> None:
         if (self.name is None) == (self.factory is None):
@@ -74,33 +78,47 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """A dataset: ``lsq`` (synthetic), ``digits`` (scikit-learn, offline), ``mnist`` (folder of
-    IDX files), ``cifar10`` (folder of python batches). ``limit_*`` keep the first samples
-    for quick runs; ``options`` go to the reader (e.g. ``test_fraction`` for digits)."""
+    """The dataset to train and test on."""
 
     name: str = "digits"
+    """``lsq`` (synthetic), ``digits`` (scikit-learn, offline), ``mnist`` (folder of IDX
+    files) or ``cifar10`` (folder of python batches)."""
     root: str | None = None
+    """The folder holding the dataset's files (``mnist``, ``cifar10``)."""
     limit_train: int | None = None
+    """Keep only the first this many training samples (quick runs); null: all."""
     limit_test: int | None = None
+    """Keep only the first this many test samples (quick runs); null: all."""
     options: dict[str, Any] = field(default_factory=dict)
+    """Options passed to the dataset reader (e.g. ``test_fraction`` for digits)."""
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """How the model is cut and scheduled, and where the stages run. ``partition``:
-    ``uniform``, ``params``, ``tiles``, ``time``, a list of blocks per stage (``[2, 1, 1]``)
-    or the names of the first block of stages 1.. (``[fc3]``). A mini-batch is
-    ``microbatches`` × ``microbatch_size`` samples. ``backend``: ``local`` (every stage in
-    one process), ``torch`` (one process per stage) or ``ray`` (one actor per stage)."""
+    """How the model is cut and scheduled, and where the stages run. A mini-batch is
+    ``microbatches`` × ``microbatch_size`` samples."""
 
     backend: Literal["local", "torch", "ray"] = "local"
+    """Where the stages run: ``local`` (every stage in one process), ``torch`` (one process
+    per stage) or ``ray`` (one actor per stage)."""
     policy: Literal["wop", "sync-1f1b", "async", "gpipe"] = "sync-1f1b"
+    """The schedule policy."""
     stages: int | None = None
+    """The number of pipeline stages (null: 1, or as many as an explicit ``partition``
+    list gives)."""
     partition: str | list[int] | list[str] = "uniform"
+    """How the model's blocks are cut into stages: ``uniform``, ``params``, ``tiles``,
+    ``time``, a list of blocks per stage (``[2, 1, 1]``) or the names of the first block of
+    stages 1.. (``[fc3]``)."""
     tile_size: int = 512
+    """The side of a crossbar tile (rows = columns) with which a block's tiles are counted,
+    for ``partition: tiles`` and the partition table."""
     microbatches: int = 4
+    """Micro-batches per mini-batch (Bm)."""
     microbatch_size: int = 16
+    """Samples per micro-batch."""
     weight_stashing: bool = False
+    """Async only: a micro-batch's backward uses the weights of its forward."""
 
     def __post_init__(self) -> None:
         _at_least("stages", self.stages, 1)
@@ -116,7 +134,9 @@ class OptimConfig:
     """SGD learning rate (analog updates and digital parameters alike) and its schedule."""
 
     lr: float = 0.1
+    """The SGD learning rate (> 0), of analog updates and digital parameters alike."""
     lr_schedule: LRSchedule = field(default_factory=LRSchedule)
+    """How the learning rate changes from epoch to epoch."""
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -132,10 +152,17 @@ class CostConfig:
     ``per: stage`` charges every stage alike, or by per-stage lists (``forward: [2, 1]``)."""
 
     forward: int | float | list[int | float] = 1
+    """Cycles of a forward (F) per micro-batch; a list gives one value per stage."""
     backward: int | float | list[int | float] = 1
+    """Cycles of a backward (B) per micro-batch; a list gives one value per stage."""
     update: int | float | list[int | float] = 1
+    """Cycles of an update (U) per micro-batch it applies; a list gives one value per
+    stage."""
     latency: int | float = 0
+    """Cycles a message between neighbouring stages is in flight."""
     per: Literal["layer", "stage"] = "layer"
+    """``layer``: the costs are per Linear/Conv2d layer and a stage pays for the layers it
+    holds; ``stage``: every stage pays them alike (or by the per-stage lists)."""
 
     def model(self) -> CostModel:
         return CostModel(
@@ -155,24 +182,38 @@ class CostConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """A whole training run. ``analog: null`` trains the torch model digitally (plain SGD);
-    otherwise every Linear/Conv2d becomes an analog layer with this AnalogConfig.
-    ``runtime``, ``device_time`` and ``ray`` say how the stages run (see
-    :mod:`aimcpipe.runtime.options`); only ``runtime.threads`` can change the numbers."""
+    """A whole training run. ``runtime``, ``device_time`` and ``ray`` say how the stages run
+    (see :mod:`aimcpipe.runtime.options`); of those, only ``runtime.threads`` and
+    ``runtime.device`` can change the numbers (float rounding, random streams)."""
 
     model: ModelConfig
+    """The model to train (required)."""
     data: DataConfig = field(default_factory=DataConfig)
+    """The dataset."""
     analog: dict[str, Any] | None = None
+    """An ``AnalogConfig``: every Linear/Conv2d becomes an analog layer with it; null trains
+    the torch model digitally (plain SGD)."""
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    """How the model is cut and scheduled, and where the stages run."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """The learning rate and its schedule."""
     cost: CostConfig = field(default_factory=CostConfig)
+    """The cost model's cycles per action."""
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+    """How every backend runs its stages."""
     device_time: DeviceTime = field(default_factory=DeviceTime)
+    """Emulated accelerator time."""
     ray: RayOptions = field(default_factory=RayOptions)
+    """The Ray backend."""
     epochs: int = 1
+    """Epochs to train (in total, a resumed run included)."""
     seed: int = 0
+    """The run's seed: the model's initial weights, the analog layers' draws and the data's
+    sample order derive from it."""
     checkpoint_every: int = 1
+    """Write a checkpoint every this many epochs (0: only at the end)."""
     eval_batch_size: int = 256
+    """Samples per evaluation chunk (does not change training)."""
 
     def __post_init__(self) -> None:
         _at_least("epochs", self.epochs, 1)

@@ -14,13 +14,19 @@ __all__ = ["LRSchedule"]
 @dataclass(frozen=True)
 class LRSchedule:
     """``constant``, or ``step``: multiply by ``gamma`` every ``step_epochs`` epochs, or at
-    each epoch listed in ``milestones`` (epochs counted from 0, so ``milestones: [100, 200]``
-    decays before the 101st and the 201st epoch, as arXiv 2410.15155 does)."""
+    each epoch listed in ``milestones`` (give exactly one of the two)."""
 
     kind: Literal["constant", "step"] = "constant"
+    """``constant``: the learning rate never changes; ``step``: it is multiplied by
+    ``gamma`` at steps given by ``step_epochs`` or ``milestones``."""
     step_epochs: int | None = None
+    """``kind: step``: decay every this many epochs (>= 1)."""
     milestones: tuple[int, ...] = ()
+    """``kind: step``: decay at each of these increasing epochs, counted from 0, so
+    ``milestones: [100, 200]`` decays before the 101st and the 201st epoch, as arXiv
+    2410.15155 does."""
     gamma: float = 0.1
+    """The factor of each decay, in (0, 1]."""
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -38,24 +38,25 @@ def _positive(name: str, value: object, *, integer: bool = False, allow_zero: bo
 
 @dataclass(frozen=True)
 class RuntimeOptions:
-    """How every backend runs its stages.
-
-    ``threads``: torch intra-op threads per stage, set by every backend (the local one too),
-    so float reductions run in the same order everywhere (torchrun would otherwise force 1
-    and a Ray actor would take its CPU count). ``timeout_s``: how long a stage may wait for a
-    message or go without progress before the run stops naming it. ``dist_backend``: the
-    torch.distributed backend of the activation/gradient channels (``auto``: nccl when every
-    stage has a GPU of its own, else gloo). ``device``: where stages live (``auto``: stage s on
-    ``cuda:(local rank % GPUs)`` when CUDA is available, else the CPU). ``unix_sockets``:
-    where the channels would use gloo and every stage runs on one machine, neighbours talk
-    over unix-domain sockets instead (several times less latency per message; off: gloo).
-    """
+    """How every backend runs its stages."""
 
     threads: int = 1
+    """Torch intra-op threads per stage, set by every backend (the local one too), so float
+    reductions run in the same order everywhere (torchrun would otherwise force 1 and a Ray
+    actor would take its CPU count)."""
     timeout_s: float = 60.0
+    """How long (seconds) a stage may wait for a message or go without progress before the
+    run stops naming it."""
     dist_backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """The torch.distributed backend of the activation/gradient channels (``auto``: nccl
+    when every stage has a GPU of its own, else gloo)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where stages live (``auto``: stage s on ``cuda:(local rank % GPUs)`` when CUDA is
+    available, else the CPU)."""
     unix_sockets: bool = True
+    """Where the channels would use gloo and every stage runs on one machine, neighbours
+    talk over unix-domain sockets instead (several times less latency per message; false:
+    gloo)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.unix_sockets, bool):
@@ -81,13 +82,14 @@ class RuntimeOptions:
 
 @dataclass(frozen=True)
 class DeviceTime:
-    """Emulated accelerator time: with ``cycle_s`` set, every action lasts at least its
-    cost in cycles × ``cycle_s`` seconds of wall-clock time (the host waits out the rest), and
-    a message in flight takes the cost model's latency × ``cycle_s``. A small machine then
-    shows the timing of real accelerators; actions whose host compute takes longer are
+    """Emulated accelerator time. A small machine then shows the timing of real
+    accelerators; actions whose host compute takes longer than their emulated time are
     counted as overruns."""
 
     cycle_s: float | None = None
+    """Seconds per cost-model cycle: every action lasts at least its cost in cycles ×
+    ``cycle_s`` of wall-clock time (the host waits out the rest), and a message in flight
+    takes the cost model's latency × ``cycle_s``; null runs as fast as the host can."""
 
     def __post_init__(self) -> None:
         if self.cycle_s is not None:
@@ -96,15 +98,18 @@ class DeviceTime:
 
 @dataclass(frozen=True)
 class RayOptions:
-    """The Ray backend: ``address`` of a running cluster to join (``None``: start a local Ray
-    on 127.0.0.1 with no dashboard and no usage reporting); resources per stage actor
-    (fractions allowed). ``connect_timeout_s``: how long joining the cluster at ``address``
-    may take before the run stops, naming the address."""
+    """The Ray backend: the cluster to join and the resources of each stage actor."""
 
     address: str | None = None
+    """The address of a running Ray cluster to join (``HEAD:6379``); null starts a local
+    Ray on 127.0.0.1 with no dashboard and no usage reporting."""
     num_cpus: float = 1.0
+    """Logical CPUs per stage actor (fractions allowed)."""
     num_gpus: float = 0.0
+    """GPUs per stage actor (fractions allowed)."""
     connect_timeout_s: float = 30.0
+    """How long (seconds) joining the cluster at ``address`` may take before the run
+    stops, naming the address."""
 
     def __post_init__(self) -> None:
         if self.address is not None:
