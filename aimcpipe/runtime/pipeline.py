@@ -46,11 +46,18 @@ from aimcpipe.runtime.backends import Backend, make_backend
 from aimcpipe.runtime.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from aimcpipe.runtime.datasets import Dataset, epoch_order
 from aimcpipe.runtime.interpreter import ActionRecord
-from aimcpipe.runtime.losses import LOSSES, check_loss, resolve_loss
+from aimcpipe.runtime.losses import LOSSES, resolve_loss
 from aimcpipe.runtime.lr import LRSchedule
 from aimcpipe.runtime.memo import ByIdentity
 from aimcpipe.runtime.metrics import EpochResult, RunMetrics
-from aimcpipe.runtime.options import BACKENDS, DeviceTime, RayOptions, RuntimeOptions
+from aimcpipe.runtime.options import RayOptions, RuntimeOptions
+from aimcpipe.runtime.pipeline_checks import (
+    check_arguments,
+    check_model_takes,
+    cut_model,
+    require_dataset,
+    stage_costs,
+)
 from aimcpipe.runtime.plan import (
     EpochPlan,
     EvalPlan,
@@ -60,41 +67,19 @@ from aimcpipe.runtime.plan import (
     shifted,
 )
 from aimcpipe.scheduler import (
-    POLICIES,
     CostModel,
     Schedule,
     SimResult,
     longest_wait,
     simulate,
 )
-from aimcpipe.stages.blocks import pipeline_blocks
-from aimcpipe.stages.partition import Partition
-from aimcpipe.stages.partition import partition as make_partition
 from aimcpipe.stages.stage import LossFn, Stage
 
 __all__ = ["LOSSES", "Pipeline"]
 
 log = logging.getLogger(__name__)
 
-PIPELINE_POLICIES = tuple(POLICIES)  # every built-in schedule policy trains
 HELD_DATASETS = 3  # training, test, and one more evaluated dataset stay on the stages
-
-
-def _check_type(name: str, value: Any, kind: type, what: str) -> None:
-    if not isinstance(value, kind):
-        raise ConfigError(f"{name}: must be {what}, got {value!r}")
-
-
-def _require_dataset(name: str, data: object, optional: bool = False) -> None:
-    """A clear error for anything but a Dataset given as ``name`` (None where optional)."""
-    if optional and data is None:
-        return
-    if not isinstance(data, Dataset):
-        allowed = "an aimcpipe Dataset" + (" or None" if optional else "")
-        raise ConfigError(
-            f"{name}: must be {allowed} (load_dataset returns them; "
-            f"Dataset(name, x, y, task, num_classes) wraps tensors), got {type(data).__name__}"
-        )
 
 
 class Pipeline:
@@ -144,69 +129,28 @@ class Pipeline:
         ray: RayOptions | None = None,
         settings: dict[str, Any] | None = None,
     ) -> None:
-        if policy not in PIPELINE_POLICIES:
-            raise ConfigError(
-                f"pipeline.policy: {policy!r} is not a policy; allowed: "
-                + ", ".join(PIPELINE_POLICIES)
-            )
-        for name, value in (("microbatches", microbatches), ("microbatch_size", microbatch_size)):
-            check_int(f"pipeline.{name}", value, 1)
-        if not (isinstance(lr, int | float) and 0 < lr < math.inf):
-            raise ConfigError(f"optim.lr: must be a number > 0, got {lr!r}")
-        for name, value, low in (
-            ("seed", seed, 0),
-            ("eval_batch_size", eval_batch_size, 1),
-            ("checkpoint_every", checkpoint_every, 0),
-        ):
-            check_int(name, value, low)
-        for name, value in (("pipeline.weight_stashing", weight_stashing), ("progress", progress)):
-            _check_type(name, value, bool, "true or false")
-        if lr_schedule is not None:
-            _check_type("optim.lr_schedule", lr_schedule, LRSchedule, "an LRSchedule")
-        if out is not None:
-            _check_type("out", out, str | Path, "a directory path")
-        if weight_stashing and policy != "async":
-            raise ConfigError("pipeline.weight_stashing: only the async policy stashes weights")
-        if not isinstance(backend, Backend) and backend not in BACKENDS:
-            raise ConfigError(
-                f"pipeline.backend: {backend!r} is not a backend; allowed: {', '.join(BACKENDS)}"
-            )
-        runtime = runtime if runtime is not None else RuntimeOptions()
-        _check_type("runtime", runtime, RuntimeOptions, "a RuntimeOptions")
-        ray = ray if ray is not None else RayOptions()
-        _check_type("ray", ray, RayOptions, "a RayOptions")
-        try:
-            DeviceTime(cycle_s)
-        except ConfigError as exc:
-            raise ConfigError(f"device_time.{exc}") from None
-        remote = isinstance(backend, Backend) or backend != "local"
-        check_loss(loss, remote=remote)
-        if backend == "ray":
-            from aimcpipe.runtime.backends.ray_actors import require_ray
-
-            require_ray()
-        if backend == "local" and runtime.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("runtime.device: 'cuda' asked for but CUDA is not available here")
+        runtime, ray = check_arguments(
+            policy=policy,
+            microbatches=microbatches,
+            microbatch_size=microbatch_size,
+            lr=lr,
+            seed=seed,
+            eval_batch_size=eval_batch_size,
+            checkpoint_every=checkpoint_every,
+            weight_stashing=weight_stashing,
+            progress=progress,
+            lr_schedule=lr_schedule,
+            out=out,
+            backend=backend,
+            runtime=runtime,
+            ray=ray,
+            cycle_s=cycle_s,
+            loss=loss,
+        )
         self.model = model
-        blocks = pipeline_blocks(model)
-        if stages is None and isinstance(partition, str):
-            stages = 1  # a named method needs a count; lists and callables bring their own
-        if isinstance(stages, int) and not isinstance(stages, bool) and stages > len(blocks):
-            names = ", ".join(name for name, _ in blocks)
-            raise ConfigError(
-                f"pipeline.stages: {stages} stages but the model has only {len(blocks)} "
-                f"blocks ({names})"
-            )
-        try:
-            self.partition: Partition = make_partition(
-                blocks, stages, partition, tile_size=tile_size, example_input=example_input
-            )
-        except ConfigError as exc:  # the partitioner names its own argument "partition"
-            msg = str(exc)
-            if msg.startswith("partition: "):
-                msg = "pipeline." + msg
-            raise ConfigError(msg) from None
-        self._blocks = blocks
+        self._blocks, self.partition = cut_model(
+            model, stages, partition, tile_size=tile_size, example_input=example_input
+        )
         self.policy = policy
         self.microbatches = microbatches
         self.microbatch_size = microbatch_size
@@ -214,14 +158,8 @@ class Pipeline:
         self.lr_schedule = lr_schedule or LRSchedule()
         self.weight_stashing = weight_stashing
         self.seed = seed
-        spec = costs if costs is not None else CostModel(per="layer")
-        _check_type("costs", spec, CostModel, "a CostModel")
-        try:
-            self.costs = spec.for_layers(self.partition.layers or ())
-            self.costs.per_stage(self.num_stages)
-        except ConfigError as exc:
-            raise ConfigError(f"cost.{exc}") from None
-        self.cost_spec = spec  # as given; ``costs`` is what each stage is charged
+        # ``cost_spec`` as given; ``costs`` is what each stage is charged
+        self.cost_spec, self.costs = stage_costs(costs, self.partition)
         self.eval_batch_size = eval_batch_size
         self.out = Path(out) if out is not None else None
         self.checkpoint_every = checkpoint_every
@@ -397,7 +335,7 @@ class Pipeline:
 
     def plan(self, data: Dataset, epoch: int) -> EpochPlan:
         """Epoch ``epoch``'s plan over ``data`` (placed on the stages)."""
-        _require_dataset("data", data)
+        require_dataset("data", data)
         check_int("epoch", epoch, 0)
         return EpochPlan(
             epoch=epoch,
@@ -418,7 +356,7 @@ class Pipeline:
     def train_epoch(self, data: Dataset, epoch: int, epochs: int | None = None) -> EpochResult:
         """Run one epoch's schedule over ``data`` (shuffled by seed and epoch); ``epochs``
         only labels the progress bar."""
-        _require_dataset("data", data)
+        require_dataset("data", data)
         check_int("epoch", epoch, 0)
         backend = self._start(data)
         plan = self.plan(data, epoch)
@@ -472,7 +410,7 @@ class Pipeline:
 
         Evaluation draws its IO noise from streams of its own (``stream``, by default the
         number of epochs trained), so it never changes training (see ``Stage.evaluation``)."""
-        _require_dataset("data", data)
+        require_dataset("data", data)
         backend = self._start(data)
         plan = EvalPlan(
             data=self._data_key(data),
@@ -491,37 +429,19 @@ class Pipeline:
         """Run one micro-batch through every stage and the loss (on evaluation streams, so
         training is unchanged): a model that does not fit the data fails here, before any
         file is written or process started, with one line naming the stage."""
-        _require_dataset("data", data)
+        require_dataset("data", data)
         self._pick_loss(data)
         assert self._loss is not None
-        x = data.x[: self.microbatch_size]
-        t = data.y[: self.microbatch_size]
-        for s in range(self.num_stages):
-            stage = self._local_stage(s)
-            with stage.evaluation(-1):
-                try:
-                    x = stage.infer(x)
-                except Exception as exc:
-                    raise ConfigError(
-                        f"model: stage {s} ({', '.join(stage.names)}) cannot take "
-                        f"the data (input {tuple(x.shape)} from {data.name}): "
-                        f"{type(exc).__name__}: {exc}".replace("\n", " ")
-                    ) from None
-        try:
-            with torch.no_grad():
-                resolve_loss(self._loss)(x, t)
-        except Exception as exc:
-            raise ConfigError(
-                f"model: its output {tuple(x.shape)} does not fit the {data.task} targets "
-                f"{tuple(t.shape)} of {data.name}: {type(exc).__name__}: {exc}".replace("\n", " ")
-            ) from None
+        check_model_takes(
+            data, self.num_stages, self._local_stage, self._loss, self.microbatch_size
+        )
 
     def fit(self, train: Dataset, test: Dataset | None = None, epochs: int = 1) -> RunMetrics:
         """Train until ``epochs`` epochs are done in total; evaluate on ``test`` after each
         epoch; write the run directory if ``out`` was given. Returns the metrics."""
         check_int("epochs", epochs, 1)
-        _require_dataset("train", train)
-        _require_dataset("test", test, optional=True)
+        require_dataset("train", train)
+        require_dataset("test", test, optional=True)
         self._check_waits(self._minibatches(train))  # fail before any work if it cannot run
         if self.out is not None:
             self._check_out()
