@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from aimcpipe.dataconf import check_int
-from aimcpipe.errors import AimcpipeError, ConfigError, StageFailure
+from aimcpipe.errors import AimcpipeError, ConfigError
 from aimcpipe.runtime.backends import Backend, make_backend
 from aimcpipe.runtime.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from aimcpipe.runtime.datasets import Dataset, epoch_order
@@ -66,6 +66,7 @@ from aimcpipe.runtime.plan import (
     cached_schedule,
     shifted,
 )
+from aimcpipe.runtime.stage_session import StageSession
 from aimcpipe.scheduler import (
     CostModel,
     Schedule,
@@ -78,8 +79,6 @@ from aimcpipe.stages.stage import LossFn, Stage
 __all__ = ["LOSSES", "Pipeline"]
 
 log = logging.getLogger(__name__)
-
-HELD_DATASETS = 3  # training, test, and one more evaluated dataset stay on the stages
 
 
 class Pipeline:
@@ -169,14 +168,9 @@ class Pipeline:
         self.ray = ray
         self.settings = settings
         self._loss: str | LossFn | None = loss
-        self._backend: Backend | None = backend if isinstance(backend, Backend) else None
-        self._owns_backend = not isinstance(backend, Backend)
-        self.backend_name = backend.name if isinstance(backend, Backend) else backend
-        self._started = False
-        self._failed: str | None = None
-        self._pending_states: list[dict[str, Any]] | None = None
-        self._datasets: dict[int, tuple[str, Dataset]] = {}
-        self._placed = 0
+        given = backend if isinstance(backend, Backend) else None
+        self._stages = StageSession(given)  # the workers: started, data, failure, states
+        self.backend_name = given.name if given is not None else backend
         self.epoch = 0
         self.metrics = RunMetrics.new(
             policy=policy,
@@ -230,70 +224,20 @@ class Pipeline:
     @property
     def backend(self) -> Backend:
         """The backend running the stages (started on first use)."""
-        if self._backend is None:
-            self._backend = make_backend(self.backend_name, self.runtime, self.ray)
-        return self._backend
+        if self._stages.backend is None:
+            self._stages.backend = make_backend(self.backend_name, self.runtime, self.ray)
+        return self._stages.backend
 
     def _start(self, data: Dataset) -> Backend:
-        if self._failed is not None:
-            raise StageFailure(
-                f"this pipeline's stages stopped after a failure ({self._failed}); build a new "
-                "Pipeline and load_checkpoint to continue"
-            )
+        self._stages.check_usable()
         self._pick_loss(data)
-        backend = self.backend
-        if not self._started:
-            backend.start(self.specs())
-            self._started = True
-            if self._pending_states is not None:
-                backend.load_state_dicts(self._pending_states)
-                self._pending_states = None
-        return backend
-
-    def _data_key(self, data: Dataset) -> str:
-        """Place ``data`` on the stages once (inputs on the first, targets on the last); the
-        stages hold the last :data:`HELD_DATASETS` datasets used."""
-        held = self._datasets.pop(id(data), None)
-        if held is not None:
-            self._datasets[id(data)] = held  # the most recently used last
-            return held[0]
-        self._placed += 1
-        key = f"data{self._placed}"
-        self.backend.put_data(key, data.x, data.y)
-        self._datasets[id(data)] = (key, data)  # holding ``data`` keeps its id unique
-        while len(self._datasets) > HELD_DATASETS:
-            old_key, _ = self._datasets.pop(next(iter(self._datasets)))
-            self.backend.drop_data(old_key)
-        return key
-
-    def _guarded(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Call the backend; a stage failure (or an interruption mid-epoch) leaves stages
-        mid-schedule, so the pipeline refuses to go on from there."""
-        try:
-            return fn(*args)
-        except StageFailure as exc:
-            self._failed = str(exc)
-            raise
-        except KeyboardInterrupt:
-            self._failed = "interrupted"
-            raise
+        return self._stages.start(self.backend, self.specs)
 
     def close(self) -> None:
         """Stop the stage workers (processes or actors) this pipeline started. Their state
         is kept here first, so the pipeline stays usable: a later call starts new workers
         (or, on a backend it was given, sets its stages up again) and continues exactly."""
-        if self._backend is None:
-            return
-        if self._started and self._failed is None:
-            try:
-                self._pending_states = self._backend.state_dicts()
-            except AimcpipeError as exc:
-                self._failed = str(exc)
-        if self._owns_backend:
-            self._backend.close()
-            self._backend = None
-        self._started = False
-        self._datasets.clear()
+        self._stages.close()
 
     def __enter__(self) -> Pipeline:
         return self
@@ -346,7 +290,7 @@ class Pipeline:
             minibatches=self._minibatches(data),
             microbatch_size=self.microbatch_size,
             weight_stashing=self.weight_stashing,
-            data=self._data_key(data),
+            data=self._stages.data_key(self.backend, data),
             order=epoch_order(len(data), self.seed, epoch),
             costs=self.costs,
             cycle_s=self.cycle_s,
@@ -375,7 +319,7 @@ class Pipeline:
 
         origin = time.perf_counter()
         try:
-            reports = self._guarded(backend.run_epoch, plan, progress)
+            reports = self._stages.guarded(backend.run_epoch, plan, progress)
         finally:
             if bar is not None:
                 bar.close()
@@ -413,13 +357,13 @@ class Pipeline:
         require_dataset("data", data)
         backend = self._start(data)
         plan = EvalPlan(
-            data=self._data_key(data),
+            data=self._stages.data_key(self.backend, data),
             size=len(data),
             chunk=self.eval_batch_size,
             stream=self.epoch if stream is None else stream,
             timeout_s=self.runtime.timeout_s,
         )
-        result = self._guarded(backend.evaluate, plan)
+        result = self._stages.guarded(backend.evaluate, plan)
         out = {"loss": result.loss_sum / len(data)}
         if data.task == "classification":
             out["accuracy"] = result.correct / len(data)
@@ -480,16 +424,15 @@ class Pipeline:
 
     # -- state -------------------------------------------------------------------------------
     def _stage_states(self) -> list[dict[str, Any]]:
-        if self._started:
-            return self.backend.state_dicts()
-        if self._pending_states is not None:
-            return self._pending_states
+        states = self._stages.states()
+        if states is not None:
+            return states
         # not started: the blocks as built, with each stage's initial random state
         return [self._local_stage(s).state_dict() for s in range(self.num_stages)]
 
     def state_dict(self) -> dict[str, Any]:
         """The whole model's weights (stages merged), keyed as ``model.state_dict()``."""
-        if self._started:
+        if self._stages.started:
             states = self.backend.model_states()
         else:
             states = [
@@ -525,10 +468,7 @@ class Pipeline:
             )
         stages = list(state["stages"])
         self._check_fits(stages)
-        if self._started:
-            self.backend.load_state_dicts(stages)
-        else:
-            self._pending_states = stages
+        self._stages.load_states(stages)
         metrics = RunMetrics.from_state(state["metrics"])
         metrics.backend = self.backend_name  # the backend may change on resume
         metrics.cycle_s = self.cycle_s
