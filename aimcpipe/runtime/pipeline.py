@@ -43,7 +43,12 @@ from torch import nn
 from aimcpipe.dataconf import check_int
 from aimcpipe.errors import AimcpipeError, ConfigError
 from aimcpipe.runtime.backends import Backend, make_backend
-from aimcpipe.runtime.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from aimcpipe.runtime.checkpoint import (
+    CHECKPOINT_NAME,
+    checkpoint_stages,
+    load_checkpoint,
+    save_checkpoint,
+)
 from aimcpipe.runtime.datasets import Dataset, epoch_order
 from aimcpipe.runtime.interpreter import ActionRecord
 from aimcpipe.runtime.losses import LOSSES, resolve_loss
@@ -459,54 +464,14 @@ class Pipeline:
         already read with :func:`aimcpipe.runtime.checkpoint.load_checkpoint`. A checkpoint
         of another model or partition is refused before anything changes."""
         state = path if isinstance(path, dict) else load_checkpoint(path)
-        if not isinstance(state.get("stages"), list | tuple) or "bounds" not in state:
-            raise ConfigError("checkpoint: not an aimcpipe checkpoint (no stages and bounds)")
-        if list(state["bounds"]) != list(self.partition.bounds):
-            raise ConfigError(
-                f"checkpoint: the checkpoint's partition {state['bounds']} differs from this "
-                f"run's {list(self.partition.bounds)}"
-            )
-        stages = list(state["stages"])
-        self._check_fits(stages)
+        blocks = [self._stage_blocks(s) for s in range(self.num_stages)]
+        stages = checkpoint_stages(state, self.partition.bounds, blocks)
         self._stages.load_states(stages)
         metrics = RunMetrics.from_state(state["metrics"])
         metrics.backend = self.backend_name  # the backend may change on resume
         metrics.cycle_s = self.cycle_s
         self.metrics = metrics
         self.epoch = int(state["epoch"])
-
-    def _check_fits(self, stages: list[Any]) -> None:
-        """Every stage state of a checkpoint holds this model's blocks, tensors of its shapes."""
-        if len(stages) != self.num_stages:
-            raise ConfigError(
-                f"checkpoint: the checkpoint holds {len(stages)} stages, this run has "
-                f"{self.num_stages}"
-            )
-        for s, st in enumerate(stages):
-            blocks = st.get("blocks") if isinstance(st, dict) else None
-            mine = dict(self._stage_blocks(s))
-            if not isinstance(blocks, dict) or list(blocks) != list(mine):
-                got = list(blocks) if isinstance(blocks, dict) else None
-                raise ConfigError(
-                    f"checkpoint: the checkpoint's stage {s} holds blocks {got}, this model's "
-                    f"stage {s} holds {list(mine)}: it was written for another model"
-                )
-            for name, module in mine.items():
-                want = {
-                    k: tuple(v.shape) if isinstance(v, torch.Tensor) else None
-                    for k, v in module.state_dict().items()
-                }
-                have = {
-                    k: tuple(v.shape) if isinstance(v, torch.Tensor) else None
-                    for k, v in blocks[name].items()
-                }
-                if want != have:
-                    key = next(k for k in {*want, *have} if want.get(k) != have.get(k))
-                    raise ConfigError(
-                        f"checkpoint: the checkpoint's {name}.{key} has shape "
-                        f"{have.get(key, 'none')}, this model's {want.get(key, 'none')}: it "
-                        "was written for another model"
-                    )
 
     # -- run directory -----------------------------------------------------------------------
     def _check_out(self) -> None:
