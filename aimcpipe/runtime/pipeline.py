@@ -29,7 +29,6 @@ total: a pipeline restored from a checkpoint continues where it stopped.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -43,12 +42,7 @@ from torch import nn
 from aimcpipe.dataconf import check_int
 from aimcpipe.errors import AimcpipeError, ConfigError
 from aimcpipe.runtime.backends import Backend, make_backend
-from aimcpipe.runtime.checkpoint import (
-    CHECKPOINT_NAME,
-    checkpoint_stages,
-    load_checkpoint,
-    save_checkpoint,
-)
+from aimcpipe.runtime.checkpoint import checkpoint_stages, load_checkpoint
 from aimcpipe.runtime.datasets import Dataset, epoch_order
 from aimcpipe.runtime.interpreter import ActionRecord
 from aimcpipe.runtime.losses import LOSSES, resolve_loss
@@ -71,6 +65,7 @@ from aimcpipe.runtime.plan import (
     cached_schedule,
     shifted,
 )
+from aimcpipe.runtime.rundir import RunDirectory, write_results
 from aimcpipe.runtime.stage_session import StageSession
 from aimcpipe.scheduler import (
     CostModel,
@@ -392,13 +387,15 @@ class Pipeline:
         require_dataset("train", train)
         require_dataset("test", test, optional=True)
         self._check_waits(self._minibatches(train))  # fail before any work if it cannot run
-        if self.out is not None:
-            self._check_out()
+        run_dir = RunDirectory(self.out) if self.out is not None else None
+        if run_dir is not None:
+            run_dir.check_fresh(self.epoch)
         if self.epoch < epochs:
             log.info("%s", self.partition.describe())
             self._start(train)  # stage processes that cannot start fail before any file
-        if self.out is not None:
-            self._write_start()
+        if run_dir is not None:
+            history = self.metrics.history
+            run_dir.start(self.epoch, self.partition.to_dict(), self.settings, history)
         for epoch in range(self.epoch, epochs):
             started = time.perf_counter()
             result = self.train_epoch(train, epoch, epochs)
@@ -411,20 +408,18 @@ class Pipeline:
             self.epoch = epoch + 1
             log.info("%s", result.summary(epochs))
             if not math.isfinite(result.train_loss):
-                kept = ""
-                if self.out is not None and (self.out / CHECKPOINT_NAME).is_file():
-                    kept = f"; {self.out / CHECKPOINT_NAME} holds the last checkpoint"
+                kept = run_dir.kept_checkpoint() if run_dir is not None else ""
                 raise AimcpipeError(
                     f"training diverged in epoch {epoch + 1} (train loss {result.train_loss}); "
                     f"try a smaller optim.lr{kept}"
                 )
-            if self.out is not None:
-                self._append_history()
+            if run_dir is not None:
+                run_dir.append_history(self.metrics.history[-1])
                 due = self.checkpoint_every and self.epoch % self.checkpoint_every == 0
                 if due or self.epoch == epochs:
-                    save_checkpoint(self.out / CHECKPOINT_NAME, self.checkpoint_state())
-        if self.out is not None:
-            self._write_end()
+                    run_dir.save_checkpoint(self.checkpoint_state())
+        if run_dir is not None:
+            self._write_end(run_dir.path)
         return self.metrics
 
     # -- state -------------------------------------------------------------------------------
@@ -473,43 +468,9 @@ class Pipeline:
         self.metrics = metrics
         self.epoch = int(state["epoch"])
 
-    # -- run directory -----------------------------------------------------------------------
-    def _check_out(self) -> None:
-        assert self.out is not None
-        if self.epoch == 0 and self.out.is_dir() and any(self.out.iterdir()):
-            raise ConfigError(
-                f"out: {self.out} is not empty; give a new directory (or load_checkpoint it "
-                "to continue that run)"
-            )
-
-    def _write_start(self) -> None:
-        assert self.out is not None
-        self._check_out()
-        self.out.mkdir(parents=True, exist_ok=True)
-        # until this run finishes, the directory must not look complete
-        (self.out / "metrics.json").unlink(missing_ok=True)
-        (self.out / "partition.json").write_text(
-            json.dumps(self.partition.to_dict(), indent=2) + "\n"
-        )
-        if self.settings is not None:
-            import yaml
-
-            (self.out / "config.yaml").write_text(yaml.safe_dump(self.settings, sort_keys=False))
-        # the history of a resumed run is what its checkpoint saw, not what came after
-        lines = [json.dumps(h) for h in self.metrics.history]
-        (self.out / "history.jsonl").write_text("".join(line + "\n" for line in lines))
-
-    def _append_history(self) -> None:
-        assert self.out is not None
-        with (self.out / "history.jsonl").open("a") as fh:
-            fh.write(json.dumps(self.metrics.history[-1]) + "\n")
-
-    def _write_end(self) -> None:
-        from aimcpipe.runtime.rundir import write_results
-
-        assert self.out is not None
+    def _write_end(self, out: Path) -> None:
         write_results(
-            self.out,
+            out,
             metrics=self.metrics,
             model_state=self.state_dict(),
             trace=self._trace,
