@@ -44,10 +44,10 @@ from aimcpipe.errors import AimcpipeError, ConfigError
 from aimcpipe.runtime.backends import Backend, make_backend
 from aimcpipe.runtime.checkpoint import checkpoint_stages, load_checkpoint
 from aimcpipe.runtime.datasets import Dataset, epoch_order
+from aimcpipe.runtime.epoch_runner import EpochRunner
 from aimcpipe.runtime.interpreter import ActionRecord
 from aimcpipe.runtime.losses import LOSSES, resolve_loss
 from aimcpipe.runtime.lr import LRSchedule
-from aimcpipe.runtime.memo import ByIdentity
 from aimcpipe.runtime.metrics import EpochResult, RunMetrics
 from aimcpipe.runtime.options import RayOptions, RuntimeOptions
 from aimcpipe.runtime.pipeline_checks import (
@@ -60,17 +60,14 @@ from aimcpipe.runtime.pipeline_checks import (
 from aimcpipe.runtime.plan import (
     EpochPlan,
     EvalPlan,
-    StageReport,
     StageSpec,
     cached_schedule,
-    shifted,
 )
 from aimcpipe.runtime.rundir import RunDirectory, write_results
 from aimcpipe.runtime.stage_session import StageSession
 from aimcpipe.scheduler import (
     CostModel,
     Schedule,
-    SimResult,
     longest_wait,
     simulate,
 )
@@ -180,10 +177,7 @@ class Pipeline:
             microbatch_size=microbatch_size,
             cycle_s=cycle_s,
         )
-        self._trace: list[list[ActionRecord]] | None = None  # this session's first epoch
-        self._simulated: ByIdentity[SimResult] = ByIdentity(8)  # per schedule and costs
-        self._trace_epoch = 0
-        self._trace_clocks: dict[str, Any] | None = None
+        self._epochs = EpochRunner()  # runs epochs; keeps the first one's trace
 
     # -- stages --------------------------------------------------------------------------
     @property
@@ -304,50 +298,18 @@ class Pipeline:
         check_int("epoch", epoch, 0)
         backend = self._start(data)
         plan = self.plan(data, epoch)
-        k = plan.minibatches
-        bar = None
-        progress = None
-        if self.progress:
-            from tqdm.auto import tqdm
+        label = f"epoch {epoch + 1}" + (f"/{epochs}" if epochs else "")
+        guarded = self._stages.guarded
+        return self._epochs.run(backend, plan, guarded, label if self.progress else None)
 
-            label = f"epoch {epoch + 1}" + (f"/{epochs}" if epochs else "")
-            bar = tqdm(total=k, desc=label, unit="mini-batch", leave=False)
+    @property
+    def _trace(self) -> list[list[ActionRecord]] | None:
+        """The first epoch's executed actions per stage (set None to trace the next one)."""
+        return self._epochs.trace
 
-            def progress(done: int) -> None:
-                assert bar is not None
-                bar.update(done // self.microbatches - bar.n)
-
-        origin = time.perf_counter()
-        try:
-            reports = self._stages.guarded(backend.run_epoch, plan, progress)
-        finally:
-            if bar is not None:
-                bar.close()
-        wall = time.perf_counter() - origin
-        return self._epoch_result(plan, reports, origin, wall)
-
-    def _epoch_result(
-        self, plan: EpochPlan, reports: list[StageReport], origin: float, wall: float
-    ) -> EpochResult:
-        records = [shifted(rep.records, -origin) for rep in reports]
-        schedule = plan.schedule()  # interpreters run their lists in order: this is what ran
-        sim = self._simulated.get((schedule,), self.costs, lambda: simulate(schedule, self.costs))
-        if self._trace is None:
-            self._trace = records
-            self._trace_epoch = plan.epoch
-            self._trace_clocks = self.backend.clocks()
-        return EpochResult.from_run(
-            epoch=plan.epoch,
-            lr=plan.lr,
-            stats=reports[-1].stats,
-            records=records,
-            wall_s=wall,
-            sim=sim,
-            counters=[rep.counters for rep in reports],
-            bytes_sent=[rep.bytes_sent for rep in reports],
-            overruns=[rep.overruns for rep in reports],
-            cycle_s=plan.cycle_s,
-        )
+    @_trace.setter
+    def _trace(self, records: list[list[ActionRecord]] | None) -> None:
+        self._epochs.trace = records
 
     def evaluate(self, data: Dataset, stream: int | None = None) -> dict[str, float]:
         """Mean loss (and accuracy for classification) of the current model on ``data``.
@@ -473,8 +435,8 @@ class Pipeline:
             out,
             metrics=self.metrics,
             model_state=self.state_dict(),
-            trace=self._trace,
+            trace=self._epochs.trace,
             label=f"{self.policy} S={self.num_stages} Bm={self.microbatches} on "
-            f"{self.backend_name} (epoch {self._trace_epoch + 1})",
-            clocks=self._trace_clocks,
+            f"{self.backend_name} (epoch {self._epochs.trace_epoch + 1})",
+            clocks=self._epochs.trace_clocks,
         )
