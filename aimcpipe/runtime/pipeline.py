@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from aimcpipe.dataconf import check_int
-from aimcpipe.errors import AimcpipeError, ConfigError
+from aimcpipe.errors import AimcpipeError
 from aimcpipe.runtime.backends import Backend, make_backend
 from aimcpipe.runtime.checkpoint import checkpoint_stages, load_checkpoint
 from aimcpipe.runtime.datasets import Dataset, epoch_order
@@ -62,14 +62,14 @@ from aimcpipe.runtime.plan import (
     EvalPlan,
     StageSpec,
     cached_schedule,
+    check_waits,
+    minibatches_per_epoch,
 )
 from aimcpipe.runtime.rundir import RunDirectory, write_results
 from aimcpipe.runtime.stage_session import StageSession
 from aimcpipe.scheduler import (
     CostModel,
     Schedule,
-    longest_wait,
-    simulate,
 )
 from aimcpipe.stages.stage import LossFn, Stage
 
@@ -246,30 +246,12 @@ class Pipeline:
         )
 
     def _minibatches(self, data: Dataset) -> int:
-        per = self.microbatches * self.microbatch_size
-        k = len(data) // per
-        if k < 1:
-            raise ConfigError(
-                f"data: {len(data)} training samples are fewer than one mini-batch "
-                f"(pipeline.microbatches {self.microbatches} × pipeline.microbatch_size "
-                f"{self.microbatch_size} = {per})"
-            )
-        return k
+        return minibatches_per_epoch(len(data), self.microbatches, self.microbatch_size)
 
     def _check_waits(self, minibatches: int) -> None:
-        """With emulated device time the schedule says how long a stage will wait for a
-        message; a timeout shorter than that would stop a healthy run, so refuse it now."""
-        if not self.cycle_s or self.backend_name == "local":
-            return
-        wait, action = longest_wait(simulate(self.schedule_for(minibatches), self.costs))
-        wait_s = wait * self.cycle_s
-        if 1.2 * wait_s + 1.0 > self.runtime.timeout_s:
-            raise ConfigError(
-                f"runtime.timeout_s: with device_time.cycle_s {self.cycle_s:g} a stage of this "
-                f"schedule waits {wait_s:.3g} s (for {action}), too close to the timeout of "
-                f"{self.runtime.timeout_s:g} s; raise runtime.timeout_s above "
-                f"{1.2 * wait_s + 1.0:.3g} s or lower device_time.cycle_s"
-            )
+        if self.cycle_s and self.backend_name != "local":
+            schedule = self.schedule_for(minibatches)
+            check_waits(schedule, self.costs, self.cycle_s, self.runtime.timeout_s)
 
     def plan(self, data: Dataset, epoch: int) -> EpochPlan:
         """Epoch ``epoch``'s plan over ``data`` (placed on the stages)."""
