@@ -367,31 +367,18 @@ class Pipeline:
         return self.metrics
 
     # -- state -------------------------------------------------------------------------------
-    def _stage_states(self) -> list[dict[str, Any]]:
-        states = self._stages.states()
-        if states is not None:
-            return states
+    def _initial_states(self) -> list[dict[str, Any]]:
         # not started: the blocks as built, with each stage's initial random state
         return [self._local_stage(s).state_dict() for s in range(self.num_stages)]
 
     def state_dict(self) -> dict[str, Any]:
         """The whole model's weights (stages merged), keyed as ``model.state_dict()``."""
-        if self._stages.started:
-            states = self.backend.model_states()
-        else:
-            states = [
-                {f"{name}.{key}": v for name, sd in st["blocks"].items() for key, v in sd.items()}
-                for st in self._stage_states()
-            ]
-        merged: dict[str, Any] = {}
-        for state in states:
-            merged.update(state)
-        return merged
+        return self._stages.model_state(self._initial_states)
 
     def checkpoint_state(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
-            "stages": self._stage_states(),
+            "stages": self._stages.states(self._initial_states),
             "metrics": self.metrics.to_state(),
             "bounds": list(self.partition.bounds),
             "settings": self.settings,

@@ -3,8 +3,9 @@
 A :class:`StageSession` starts the workers once (and gives them a checkpoint's states that
 arrived before they existed), places each dataset on them once, remembers a stage failure so
 that the pipeline refuses to go on from a stage left mid-schedule, and keeps the workers'
-states when they are stopped, so that new workers continue exactly. The pipeline makes the
-backend (from its current options) and decides what the workers are built from.
+states when they are stopped, so that new workers continue exactly. It answers for the
+stages' states and the whole model's weights whether or not workers run. The pipeline makes
+the backend (from its current options) and decides what the workers are built from.
 """
 
 from __future__ import annotations
@@ -80,13 +81,30 @@ class StageSession:
             self.failed = "interrupted"
             raise
 
-    def states(self) -> list[dict[str, Any]] | None:
-        """Every stage's full state: the workers', or those waiting for the next workers;
-        None when neither exists."""
+    def states(self, initial: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+        """Every stage's full state: the workers', those waiting for the next workers, or
+        else ``initial()`` (the stages as they would start)."""
         if self.started:
             assert self.backend is not None
             return self.backend.state_dicts()
-        return self.pending_states
+        if self.pending_states is not None:
+            return self.pending_states
+        return initial()
+
+    def model_state(self, initial: Callable[[], list[dict[str, Any]]]) -> dict[str, Any]:
+        """The whole model's weights (stages merged), keyed as ``model.state_dict()``."""
+        if self.started:
+            assert self.backend is not None
+            states = self.backend.model_states()
+        else:
+            states = [
+                {f"{name}.{key}": v for name, sd in st["blocks"].items() for key, v in sd.items()}
+                for st in self.states(initial)
+            ]
+        merged: dict[str, Any] = {}
+        for state in states:
+            merged.update(state)
+        return merged
 
     def load_states(self, states: list[dict[str, Any]]) -> None:
         """Give the workers these states now, or when they start."""
