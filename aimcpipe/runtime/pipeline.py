@@ -46,13 +46,12 @@ from aimcpipe.runtime.checkpoint import checkpoint_stages, load_checkpoint
 from aimcpipe.runtime.datasets import Dataset, epoch_order
 from aimcpipe.runtime.epoch_runner import EpochRunner
 from aimcpipe.runtime.interpreter import ActionRecord
-from aimcpipe.runtime.losses import LOSSES, resolve_loss
+from aimcpipe.runtime.losses import LOSSES
 from aimcpipe.runtime.lr import LRSchedule
 from aimcpipe.runtime.metrics import EpochResult, RunMetrics
 from aimcpipe.runtime.options import RayOptions, RuntimeOptions
 from aimcpipe.runtime.pipeline_checks import (
     check_arguments,
-    check_model_takes,
     cut_model,
     require_dataset,
     stage_costs,
@@ -66,12 +65,13 @@ from aimcpipe.runtime.plan import (
     minibatches_per_epoch,
 )
 from aimcpipe.runtime.rundir import RunDirectory, write_results
+from aimcpipe.runtime.stage_builder import StageBuilder
 from aimcpipe.runtime.stage_session import StageSession
 from aimcpipe.scheduler import (
     CostModel,
     Schedule,
 )
-from aimcpipe.stages.stage import LossFn, Stage
+from aimcpipe.stages.stage import LossFn
 
 __all__ = ["LOSSES", "Pipeline"]
 
@@ -144,7 +144,7 @@ class Pipeline:
             loss=loss,
         )
         self.model = model
-        self._blocks, self.partition = cut_model(
+        blocks, self.partition = cut_model(
             model, stages, partition, tile_size=tile_size, example_input=example_input
         )
         self.policy = policy
@@ -164,7 +164,7 @@ class Pipeline:
         self.cycle_s = cycle_s
         self.ray = ray
         self.settings = settings
-        self._loss: str | LossFn | None = loss
+        self._builder = StageBuilder(blocks, self.partition.bounds, loss)  # blocks and loss
         given = backend if isinstance(backend, Backend) else None
         self._stages = StageSession(given)  # the workers: started, data, failure, states
         self.backend_name = given.name if given is not None else backend
@@ -184,36 +184,9 @@ class Pipeline:
     def num_stages(self) -> int:
         return self.partition.num_stages
 
-    def _stage_blocks(self, s: int) -> list[tuple[str, nn.Module]]:
-        lo, hi = self.partition.bounds[s], self.partition.bounds[s + 1]
-        return [self._blocks[i] for i in range(lo, hi)]
-
-    def _local_stage(self, s: int) -> Stage:
-        """Stage ``s`` built here on the blocks (for checks and the state of an unstarted
-        pipeline; the loss only matters once data is known)."""
-        num = self.num_stages
-        loss = resolve_loss(self._loss or "mse") if s == num - 1 else None
-        return Stage(s, num, self._stage_blocks(s), lr=self.lr, loss_fn=loss, seed=self.seed)
-
-    def _pick_loss(self, data: Dataset) -> None:
-        if self._loss is None:
-            self._loss = "cross-entropy" if data.task == "classification" else "mse"
-
     def specs(self) -> list[StageSpec]:
         """What each stage worker is built from (the loss must be chosen)."""
-        num = self.num_stages
-        return [
-            StageSpec(
-                index=s,
-                num_stages=num,
-                blocks=self._stage_blocks(s),
-                lr=self.lr,
-                loss=self._loss if s == num - 1 else None,
-                seed=self.seed,
-                weight_stashing=self.weight_stashing,
-            )
-            for s in range(num)
-        ]
+        return self._builder.specs(lr=self.lr, seed=self.seed, weight_stashing=self.weight_stashing)
 
     @property
     def backend(self) -> Backend:
@@ -224,7 +197,7 @@ class Pipeline:
 
     def _start(self, data: Dataset) -> Backend:
         self._stages.check_usable()
-        self._pick_loss(data)
+        self._builder.pick_loss(data)
         return self._stages.start(self.backend, self.specs)
 
     def close(self) -> None:
@@ -318,11 +291,7 @@ class Pipeline:
         training is unchanged): a model that does not fit the data fails here, before any
         file is written or process started, with one line naming the stage."""
         require_dataset("data", data)
-        self._pick_loss(data)
-        assert self._loss is not None
-        check_model_takes(
-            data, self.num_stages, self._local_stage, self._loss, self.microbatch_size
-        )
+        self._builder.check_takes(data, lr=self.lr, seed=self.seed, count=self.microbatch_size)
 
     def fit(self, train: Dataset, test: Dataset | None = None, epochs: int = 1) -> RunMetrics:
         """Train until ``epochs`` epochs are done in total; evaluate on ``test`` after each
@@ -368,8 +337,7 @@ class Pipeline:
 
     # -- state -------------------------------------------------------------------------------
     def _initial_states(self) -> list[dict[str, Any]]:
-        # not started: the blocks as built, with each stage's initial random state
-        return [self._local_stage(s).state_dict() for s in range(self.num_stages)]
+        return self._builder.initial_states(lr=self.lr, seed=self.seed)
 
     def state_dict(self) -> dict[str, Any]:
         """The whole model's weights (stages merged), keyed as ``model.state_dict()``."""
@@ -390,7 +358,7 @@ class Pipeline:
         already read with :func:`aimcpipe.runtime.checkpoint.load_checkpoint`. A checkpoint
         of another model or partition is refused before anything changes."""
         state = path if isinstance(path, dict) else load_checkpoint(path)
-        blocks = [self._stage_blocks(s) for s in range(self.num_stages)]
+        blocks = [self._builder.blocks(s) for s in range(self.num_stages)]
         stages = checkpoint_stages(state, self.partition.bounds, blocks)
         self._stages.load_states(stages)
         metrics = RunMetrics.from_state(state["metrics"])

@@ -3,9 +3,8 @@
 Each refuses a bad value at once with a one-line :class:`~aimcpipe.errors.ConfigError`
 naming the parameter by its config key and what is allowed: the constructor's arguments
 (:func:`check_arguments`), the cut of the model into stages (:func:`cut_model`), the cost
-model (:func:`stage_costs`), the datasets given to its methods (:func:`require_dataset`),
-and whether the model takes the data at all (:func:`check_model_takes`). They are plain
-functions: they read nothing but their arguments and change nothing.
+model (:func:`stage_costs`) and the datasets given to its methods (:func:`require_dataset`).
+They are plain functions: they read nothing but their arguments and change nothing.
 """
 
 from __future__ import annotations
@@ -22,19 +21,18 @@ from aimcpipe.dataconf import check_int
 from aimcpipe.errors import ConfigError
 from aimcpipe.runtime.backends import Backend
 from aimcpipe.runtime.datasets import Dataset
-from aimcpipe.runtime.losses import check_loss, resolve_loss
+from aimcpipe.runtime.losses import check_loss
 from aimcpipe.runtime.lr import LRSchedule
 from aimcpipe.runtime.options import BACKENDS, DeviceTime, RayOptions, RuntimeOptions
 from aimcpipe.scheduler import POLICIES, CostModel
 from aimcpipe.stages.blocks import pipeline_blocks
 from aimcpipe.stages.partition import Partition
 from aimcpipe.stages.partition import partition as make_partition
-from aimcpipe.stages.stage import LossFn, Stage
+from aimcpipe.stages.stage import LossFn
 
 __all__ = [
     "PIPELINE_POLICIES",
     "check_arguments",
-    "check_model_takes",
     "check_type",
     "cut_model",
     "require_dataset",
@@ -169,36 +167,3 @@ def stage_costs(costs: CostModel | None, partition: Partition) -> tuple[CostMode
     except ConfigError as exc:
         raise ConfigError(f"cost.{exc}") from None
     return spec, per_stage
-
-
-def check_model_takes(
-    data: Dataset,
-    num_stages: int,
-    stage: Callable[[int], Stage],
-    loss: str | LossFn,
-    count: int,
-) -> None:
-    """Run the first ``count`` samples of ``data`` through ``stage(0)`` … ``stage(S-1)``
-    (on evaluation streams) and ``loss``: a model that does not fit the data fails with one
-    line naming the stage."""
-    x = data.x[:count]
-    t = data.y[:count]
-    for s in range(num_stages):
-        built = stage(s)
-        with built.evaluation(-1):
-            try:
-                x = built.infer(x)
-            except Exception as exc:
-                raise ConfigError(
-                    f"model: stage {s} ({', '.join(built.names)}) cannot take "
-                    f"the data (input {tuple(x.shape)} from {data.name}): "
-                    f"{type(exc).__name__}: {exc}".replace("\n", " ")
-                ) from None
-    try:
-        with torch.no_grad():
-            resolve_loss(loss)(x, t)
-    except Exception as exc:
-        raise ConfigError(
-            f"model: its output {tuple(x.shape)} does not fit the {data.task} targets "
-            f"{tuple(t.shape)} of {data.name}: {type(exc).__name__}: {exc}".replace("\n", " ")
-        ) from None
