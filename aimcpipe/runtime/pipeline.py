@@ -64,7 +64,7 @@ from aimcpipe.runtime.plan import (
     check_waits,
     minibatches_per_epoch,
 )
-from aimcpipe.runtime.rundir import RunDirectory, write_results
+from aimcpipe.runtime.rundir import RunDirectory
 from aimcpipe.runtime.stage_builder import StageBuilder
 from aimcpipe.runtime.stage_session import StageSession
 from aimcpipe.scheduler import (
@@ -281,10 +281,7 @@ class Pipeline:
             timeout_s=self.runtime.timeout_s,
         )
         result = self._stages.guarded(backend.evaluate, plan)
-        out = {"loss": result.loss_sum / len(data)}
-        if data.task == "classification":
-            out["accuracy"] = result.correct / len(data)
-        return out
+        return result.means(len(data), accuracy=data.task == "classification")
 
     def check_data(self, data: Dataset) -> None:
         """Run one micro-batch through every stage and the loss (on evaluation streams, so
@@ -332,7 +329,10 @@ class Pipeline:
                 if due or self.epoch == epochs:
                     run_dir.save_checkpoint(self.checkpoint_state())
         if run_dir is not None:
-            self._write_end(run_dir.path)
+            head = (
+                f"{self.policy} S={self.num_stages} Bm={self.microbatches} on {self.backend_name}"
+            )
+            run_dir.finish(self.metrics, self.state_dict(), self._epochs, head)
         return self.metrics
 
     # -- state -------------------------------------------------------------------------------
@@ -358,22 +358,10 @@ class Pipeline:
         already read with :func:`aimcpipe.runtime.checkpoint.load_checkpoint`. A checkpoint
         of another model or partition is refused before anything changes."""
         state = path if isinstance(path, dict) else load_checkpoint(path)
-        blocks = [self._builder.blocks(s) for s in range(self.num_stages)]
-        stages = checkpoint_stages(state, self.partition.bounds, blocks)
+        stages = checkpoint_stages(state, self.partition.bounds, self._builder.all_blocks())
         self._stages.load_states(stages)
         metrics = RunMetrics.from_state(state["metrics"])
         metrics.backend = self.backend_name  # the backend may change on resume
         metrics.cycle_s = self.cycle_s
         self.metrics = metrics
         self.epoch = int(state["epoch"])
-
-    def _write_end(self, out: Path) -> None:
-        write_results(
-            out,
-            metrics=self.metrics,
-            model_state=self.state_dict(),
-            trace=self._epochs.trace,
-            label=f"{self.policy} S={self.num_stages} Bm={self.microbatches} on "
-            f"{self.backend_name} (epoch {self._epochs.trace_epoch + 1})",
-            clocks=self._epochs.trace_clocks,
-        )

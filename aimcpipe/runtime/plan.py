@@ -158,6 +158,13 @@ class EvalResult:
     correct: int = 0
     count: int = 0
 
+    def means(self, size: int, accuracy: bool) -> dict[str, float]:
+        """Mean loss over ``size`` samples, and the accuracy if asked (classification)."""
+        out = {"loss": self.loss_sum / size}
+        if accuracy:
+            out["accuracy"] = self.correct / size
+        return out
+
 
 @dataclass
 class StageReport:

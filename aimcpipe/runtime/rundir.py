@@ -2,11 +2,11 @@
 
 A :class:`RunDirectory` writes them as a pipeline's ``fit`` goes: ``partition.json``,
 ``config.yaml`` and ``history.jsonl`` at the start, a line of history per epoch and
-``checkpoint.pt`` when due; at the end (:func:`write_results`) the rest, ``metrics.json``
-last of all, so a directory without it is a run that did not finish (its ``checkpoint.pt``
-can be resumed). ``trace.json`` shows the first
-epoch's actions in real microseconds; ``curves.png`` plots loss and accuracy per epoch when
-matplotlib is installed.
+``checkpoint.pt`` when due; at the end (:meth:`RunDirectory.finish`, :func:`write_results`)
+the rest, ``metrics.json`` last of all, so a directory without it is a run that did not
+finish (its ``checkpoint.pt`` can be resumed). ``trace.json`` shows the first epoch's actions
+in real microseconds; ``curves.png`` plots loss and accuracy per epoch when matplotlib is
+installed.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,6 +25,9 @@ from aimcpipe.errors import ConfigError
 from aimcpipe.runtime.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from aimcpipe.runtime.metrics import RunMetrics
 from aimcpipe.scheduler.trace import track_events
+
+if TYPE_CHECKING:
+    from aimcpipe.runtime.epoch_runner import EpochRunner
 
 __all__ = ["RunDirectory", "plot_curves", "runtime_trace", "write_json", "write_results"]
 
@@ -180,6 +183,20 @@ class RunDirectory:
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         save_checkpoint(self.checkpoint, state)
+
+    def finish(
+        self, metrics: RunMetrics, model_state: dict[str, Any], epochs: EpochRunner, head: str
+    ) -> None:
+        """The results (:func:`write_results`), with the trace ``epochs`` kept, labelled
+        ``head`` and the epoch it shows."""
+        write_results(
+            self.path,
+            metrics=metrics,
+            model_state=model_state,
+            trace=epochs.trace,
+            label=f"{head} (epoch {epochs.trace_epoch + 1})",
+            clocks=epochs.trace_clocks,
+        )
 
     def kept_checkpoint(self) -> str:
         """For an error that ends the run: where its last checkpoint is, if one was written."""

@@ -48,6 +48,9 @@ class StageBuilder:
         lo, hi = self._bounds[s], self._bounds[s + 1]
         return [self._blocks[i] for i in range(lo, hi)]
 
+    def all_blocks(self) -> list[list[tuple[str, nn.Module]]]:
+        return [self.blocks(s) for s in range(self.num_stages)]
+
     def pick_loss(self, data: Dataset) -> None:
         if self.loss is None:
             self.loss = "cross-entropy" if data.task == "classification" else "mse"
