@@ -38,15 +38,17 @@ class EpochRunner:
         backend: Backend,
         plan: EpochPlan,
         guarded: Callable[..., Any],
-        label: str | None,
+        show_progress: bool,
+        epochs: int | None = None,
     ) -> EpochResult:
-        """Run ``plan`` through ``guarded(backend.run_epoch, ...)``; ``label``: the progress
-        bar's (None: no bar)."""
+        """Run ``plan`` through ``guarded(backend.run_epoch, ...)``, with a progress bar if
+        ``show_progress`` (``epochs`` only labels it)."""
         bar = None
         progress = None
-        if label is not None:
+        if show_progress:
             from tqdm.auto import tqdm
 
+            label = f"epoch {plan.epoch + 1}" + (f"/{epochs}" if epochs else "")
             bar = tqdm(total=plan.minibatches, desc=label, unit="mini-batch", leave=False)
 
             def progress(done: int) -> None:

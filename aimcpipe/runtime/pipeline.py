@@ -52,6 +52,7 @@ from aimcpipe.runtime.metrics import EpochResult, RunMetrics
 from aimcpipe.runtime.options import RayOptions, RuntimeOptions
 from aimcpipe.runtime.pipeline_checks import (
     check_arguments,
+    check_backend,
     cut_model,
     require_dataset,
     stage_costs,
@@ -67,10 +68,7 @@ from aimcpipe.runtime.plan import (
 from aimcpipe.runtime.rundir import RunDirectory
 from aimcpipe.runtime.stage_builder import StageBuilder
 from aimcpipe.runtime.stage_session import StageSession
-from aimcpipe.scheduler import (
-    CostModel,
-    Schedule,
-)
+from aimcpipe.scheduler import CostModel, Schedule
 from aimcpipe.stages.stage import LossFn
 
 __all__ = ["LOSSES", "Pipeline"]
@@ -125,7 +123,7 @@ class Pipeline:
         ray: RayOptions | None = None,
         settings: dict[str, Any] | None = None,
     ) -> None:
-        runtime, ray = check_arguments(
+        check_arguments(
             policy=policy,
             microbatches=microbatches,
             microbatch_size=microbatch_size,
@@ -137,12 +135,8 @@ class Pipeline:
             progress=progress,
             lr_schedule=lr_schedule,
             out=out,
-            backend=backend,
-            runtime=runtime,
-            ray=ray,
-            cycle_s=cycle_s,
-            loss=loss,
         )
+        runtime, ray = check_backend(backend, runtime, ray, cycle_s, loss)
         self.model = model
         blocks, self.partition = cut_model(
             model, stages, partition, tile_size=tile_size, example_input=example_input
@@ -253,9 +247,7 @@ class Pipeline:
         check_int("epoch", epoch, 0)
         backend = self._start(data)
         plan = self.plan(data, epoch)
-        label = f"epoch {epoch + 1}" + (f"/{epochs}" if epochs else "")
-        guarded = self._stages.guarded
-        return self._epochs.run(backend, plan, guarded, label if self.progress else None)
+        return self._epochs.run(backend, plan, self._stages.guarded, self.progress, epochs)
 
     @property
     def _trace(self) -> list[list[ActionRecord]] | None:
@@ -304,8 +296,7 @@ class Pipeline:
             log.info("%s", self.partition.describe())
             self._start(train)  # stage processes that cannot start fail before any file
         if run_dir is not None:
-            history = self.metrics.history
-            run_dir.start(self.epoch, self.partition.to_dict(), self.settings, history)
+            run_dir.start(self.epoch, self.partition.to_dict(), self.settings, self.metrics.history)
         for epoch in range(self.epoch, epochs):
             started = time.perf_counter()
             result = self.train_epoch(train, epoch, epochs)

@@ -2,9 +2,10 @@
 
 Each refuses a bad value at once with a one-line :class:`~aimcpipe.errors.ConfigError`
 naming the parameter by its config key and what is allowed: the constructor's arguments
-(:func:`check_arguments`), the cut of the model into stages (:func:`cut_model`), the cost
-model (:func:`stage_costs`) and the datasets given to its methods (:func:`require_dataset`).
-They are plain functions: they read nothing but their arguments and change nothing.
+(:func:`check_arguments`, then :func:`check_backend`), the cut of the model into stages
+(:func:`cut_model`), the cost model (:func:`stage_costs`) and the datasets given to its
+methods (:func:`require_dataset`). They are plain functions: they read nothing but their
+arguments and change nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from aimcpipe.stages.stage import LossFn
 __all__ = [
     "PIPELINE_POLICIES",
     "check_arguments",
+    "check_backend",
     "check_type",
     "cut_model",
     "require_dataset",
@@ -72,14 +74,9 @@ def check_arguments(
     progress: bool,
     lr_schedule: LRSchedule | None,
     out: str | Path | None,
-    backend: str | Backend,
-    runtime: RuntimeOptions | None,
-    ray: RayOptions | None,
-    cycle_s: float | None,
-    loss: str | LossFn | None,
-) -> tuple[RuntimeOptions, RayOptions]:
-    """Check the constructor's arguments that do not need the model, in this order; return
-    the runtime and Ray options with their defaults filled in."""
+) -> None:
+    """Check the constructor's training arguments, in this order (before
+    :func:`check_backend`)."""
     if policy not in PIPELINE_POLICIES:
         raise ConfigError(
             f"pipeline.policy: {policy!r} is not a policy; allowed: " + ", ".join(PIPELINE_POLICIES)
@@ -102,6 +99,18 @@ def check_arguments(
         check_type("out", out, str | Path, "a directory path")
     if weight_stashing and policy != "async":
         raise ConfigError("pipeline.weight_stashing: only the async policy stashes weights")
+
+
+def check_backend(
+    backend: str | Backend,
+    runtime: RuntimeOptions | None,
+    ray: RayOptions | None,
+    cycle_s: float | None,
+    loss: str | LossFn | None,
+) -> tuple[RuntimeOptions, RayOptions]:
+    """Check where and how the stages would run (the backend, its options, the emulated
+    device time, a loss that must travel to other processes), in this order; return the
+    runtime and Ray options with their defaults filled in."""
     if not isinstance(backend, Backend) and backend not in BACKENDS:
         raise ConfigError(
             f"pipeline.backend: {backend!r} is not a backend; allowed: {', '.join(BACKENDS)}"
