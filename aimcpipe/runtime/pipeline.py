@@ -29,7 +29,6 @@ total: a pipeline restored from a checkpoint continues where it stopped.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -41,60 +40,40 @@ import torch
 from torch import nn
 
 from aimcpipe.dataconf import check_int
-from aimcpipe.errors import AimcpipeError, ConfigError, StageFailure
+from aimcpipe.errors import AimcpipeError
 from aimcpipe.runtime.backends import Backend, make_backend
-from aimcpipe.runtime.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from aimcpipe.runtime.checkpoint import checkpoint_stages, load_checkpoint
 from aimcpipe.runtime.datasets import Dataset, epoch_order
+from aimcpipe.runtime.epoch_runner import EpochRunner
 from aimcpipe.runtime.interpreter import ActionRecord
-from aimcpipe.runtime.losses import LOSSES, check_loss, resolve_loss
+from aimcpipe.runtime.losses import LOSSES
 from aimcpipe.runtime.lr import LRSchedule
-from aimcpipe.runtime.memo import ByIdentity
 from aimcpipe.runtime.metrics import EpochResult, RunMetrics
-from aimcpipe.runtime.options import BACKENDS, DeviceTime, RayOptions, RuntimeOptions
+from aimcpipe.runtime.options import RayOptions, RuntimeOptions
+from aimcpipe.runtime.pipeline_checks import (
+    check_arguments,
+    check_backend,
+    cut_model,
+    require_dataset,
+    stage_costs,
+)
 from aimcpipe.runtime.plan import (
     EpochPlan,
     EvalPlan,
-    StageReport,
     StageSpec,
     cached_schedule,
-    shifted,
+    check_waits,
+    minibatches_per_epoch,
 )
-from aimcpipe.scheduler import (
-    POLICIES,
-    CostModel,
-    Schedule,
-    SimResult,
-    longest_wait,
-    simulate,
-)
-from aimcpipe.stages.blocks import pipeline_blocks
-from aimcpipe.stages.partition import Partition
-from aimcpipe.stages.partition import partition as make_partition
-from aimcpipe.stages.stage import LossFn, Stage
+from aimcpipe.runtime.rundir import RunDirectory
+from aimcpipe.runtime.stage_builder import StageBuilder
+from aimcpipe.runtime.stage_session import StageSession
+from aimcpipe.scheduler import CostModel, Schedule
+from aimcpipe.stages.stage import LossFn
 
 __all__ = ["LOSSES", "Pipeline"]
 
 log = logging.getLogger(__name__)
-
-PIPELINE_POLICIES = tuple(POLICIES)  # every built-in schedule policy trains
-HELD_DATASETS = 3  # training, test, and one more evaluated dataset stay on the stages
-
-
-def _check_type(name: str, value: Any, kind: type, what: str) -> None:
-    if not isinstance(value, kind):
-        raise ConfigError(f"{name}: must be {what}, got {value!r}")
-
-
-def _require_dataset(name: str, data: object, optional: bool = False) -> None:
-    """A clear error for anything but a Dataset given as ``name`` (None where optional)."""
-    if optional and data is None:
-        return
-    if not isinstance(data, Dataset):
-        allowed = "an aimcpipe Dataset" + (" or None" if optional else "")
-        raise ConfigError(
-            f"{name}: must be {allowed} (load_dataset returns them; "
-            f"Dataset(name, x, y, task, num_classes) wraps tensors), got {type(data).__name__}"
-        )
 
 
 class Pipeline:
@@ -144,69 +123,24 @@ class Pipeline:
         ray: RayOptions | None = None,
         settings: dict[str, Any] | None = None,
     ) -> None:
-        if policy not in PIPELINE_POLICIES:
-            raise ConfigError(
-                f"pipeline.policy: {policy!r} is not a policy; allowed: "
-                + ", ".join(PIPELINE_POLICIES)
-            )
-        for name, value in (("microbatches", microbatches), ("microbatch_size", microbatch_size)):
-            check_int(f"pipeline.{name}", value, 1)
-        if not (isinstance(lr, int | float) and 0 < lr < math.inf):
-            raise ConfigError(f"optim.lr: must be a number > 0, got {lr!r}")
-        for name, value, low in (
-            ("seed", seed, 0),
-            ("eval_batch_size", eval_batch_size, 1),
-            ("checkpoint_every", checkpoint_every, 0),
-        ):
-            check_int(name, value, low)
-        for name, value in (("pipeline.weight_stashing", weight_stashing), ("progress", progress)):
-            _check_type(name, value, bool, "true or false")
-        if lr_schedule is not None:
-            _check_type("optim.lr_schedule", lr_schedule, LRSchedule, "an LRSchedule")
-        if out is not None:
-            _check_type("out", out, str | Path, "a directory path")
-        if weight_stashing and policy != "async":
-            raise ConfigError("pipeline.weight_stashing: only the async policy stashes weights")
-        if not isinstance(backend, Backend) and backend not in BACKENDS:
-            raise ConfigError(
-                f"pipeline.backend: {backend!r} is not a backend; allowed: {', '.join(BACKENDS)}"
-            )
-        runtime = runtime if runtime is not None else RuntimeOptions()
-        _check_type("runtime", runtime, RuntimeOptions, "a RuntimeOptions")
-        ray = ray if ray is not None else RayOptions()
-        _check_type("ray", ray, RayOptions, "a RayOptions")
-        try:
-            DeviceTime(cycle_s)
-        except ConfigError as exc:
-            raise ConfigError(f"device_time.{exc}") from None
-        remote = isinstance(backend, Backend) or backend != "local"
-        check_loss(loss, remote=remote)
-        if backend == "ray":
-            from aimcpipe.runtime.backends.ray_actors import require_ray
-
-            require_ray()
-        if backend == "local" and runtime.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("runtime.device: 'cuda' asked for but CUDA is not available here")
+        check_arguments(
+            policy=policy,
+            microbatches=microbatches,
+            microbatch_size=microbatch_size,
+            lr=lr,
+            seed=seed,
+            eval_batch_size=eval_batch_size,
+            checkpoint_every=checkpoint_every,
+            weight_stashing=weight_stashing,
+            progress=progress,
+            lr_schedule=lr_schedule,
+            out=out,
+        )
+        runtime, ray = check_backend(backend, runtime, ray, cycle_s, loss)
         self.model = model
-        blocks = pipeline_blocks(model)
-        if stages is None and isinstance(partition, str):
-            stages = 1  # a named method needs a count; lists and callables bring their own
-        if isinstance(stages, int) and not isinstance(stages, bool) and stages > len(blocks):
-            names = ", ".join(name for name, _ in blocks)
-            raise ConfigError(
-                f"pipeline.stages: {stages} stages but the model has only {len(blocks)} "
-                f"blocks ({names})"
-            )
-        try:
-            self.partition: Partition = make_partition(
-                blocks, stages, partition, tile_size=tile_size, example_input=example_input
-            )
-        except ConfigError as exc:  # the partitioner names its own argument "partition"
-            msg = str(exc)
-            if msg.startswith("partition: "):
-                msg = "pipeline." + msg
-            raise ConfigError(msg) from None
-        self._blocks = blocks
+        blocks, self.partition = cut_model(
+            model, stages, partition, tile_size=tile_size, example_input=example_input
+        )
         self.policy = policy
         self.microbatches = microbatches
         self.microbatch_size = microbatch_size
@@ -214,14 +148,8 @@ class Pipeline:
         self.lr_schedule = lr_schedule or LRSchedule()
         self.weight_stashing = weight_stashing
         self.seed = seed
-        spec = costs if costs is not None else CostModel(per="layer")
-        _check_type("costs", spec, CostModel, "a CostModel")
-        try:
-            self.costs = spec.for_layers(self.partition.layers or ())
-            self.costs.per_stage(self.num_stages)
-        except ConfigError as exc:
-            raise ConfigError(f"cost.{exc}") from None
-        self.cost_spec = spec  # as given; ``costs`` is what each stage is charged
+        # ``cost_spec`` as given; ``costs`` is what each stage is charged
+        self.cost_spec, self.costs = stage_costs(costs, self.partition)
         self.eval_batch_size = eval_batch_size
         self.out = Path(out) if out is not None else None
         self.checkpoint_every = checkpoint_every
@@ -230,15 +158,10 @@ class Pipeline:
         self.cycle_s = cycle_s
         self.ray = ray
         self.settings = settings
-        self._loss: str | LossFn | None = loss
-        self._backend: Backend | None = backend if isinstance(backend, Backend) else None
-        self._owns_backend = not isinstance(backend, Backend)
-        self.backend_name = backend.name if isinstance(backend, Backend) else backend
-        self._started = False
-        self._failed: str | None = None
-        self._pending_states: list[dict[str, Any]] | None = None
-        self._datasets: dict[int, tuple[str, Dataset]] = {}
-        self._placed = 0
+        self._builder = StageBuilder(blocks, self.partition.bounds, loss)  # blocks and loss
+        given = backend if isinstance(backend, Backend) else None
+        self._stages = StageSession(given)  # the workers: started, data, failure, states
+        self.backend_name = given.name if given is not None else backend
         self.epoch = 0
         self.metrics = RunMetrics.new(
             policy=policy,
@@ -248,114 +171,34 @@ class Pipeline:
             microbatch_size=microbatch_size,
             cycle_s=cycle_s,
         )
-        self._trace: list[list[ActionRecord]] | None = None  # this session's first epoch
-        self._simulated: ByIdentity[SimResult] = ByIdentity(8)  # per schedule and costs
-        self._trace_epoch = 0
-        self._trace_clocks: dict[str, Any] | None = None
+        self._epochs = EpochRunner()  # runs epochs; keeps the first one's trace
 
     # -- stages --------------------------------------------------------------------------
     @property
     def num_stages(self) -> int:
         return self.partition.num_stages
 
-    def _stage_blocks(self, s: int) -> list[tuple[str, nn.Module]]:
-        lo, hi = self.partition.bounds[s], self.partition.bounds[s + 1]
-        return [self._blocks[i] for i in range(lo, hi)]
-
-    def _local_stage(self, s: int) -> Stage:
-        """Stage ``s`` built here on the blocks (for checks and the state of an unstarted
-        pipeline; the loss only matters once data is known)."""
-        num = self.num_stages
-        loss = resolve_loss(self._loss or "mse") if s == num - 1 else None
-        return Stage(s, num, self._stage_blocks(s), lr=self.lr, loss_fn=loss, seed=self.seed)
-
-    def _pick_loss(self, data: Dataset) -> None:
-        if self._loss is None:
-            self._loss = "cross-entropy" if data.task == "classification" else "mse"
-
     def specs(self) -> list[StageSpec]:
         """What each stage worker is built from (the loss must be chosen)."""
-        num = self.num_stages
-        return [
-            StageSpec(
-                index=s,
-                num_stages=num,
-                blocks=self._stage_blocks(s),
-                lr=self.lr,
-                loss=self._loss if s == num - 1 else None,
-                seed=self.seed,
-                weight_stashing=self.weight_stashing,
-            )
-            for s in range(num)
-        ]
+        return self._builder.specs(lr=self.lr, seed=self.seed, weight_stashing=self.weight_stashing)
 
     @property
     def backend(self) -> Backend:
         """The backend running the stages (started on first use)."""
-        if self._backend is None:
-            self._backend = make_backend(self.backend_name, self.runtime, self.ray)
-        return self._backend
+        if self._stages.backend is None:
+            self._stages.backend = make_backend(self.backend_name, self.runtime, self.ray)
+        return self._stages.backend
 
     def _start(self, data: Dataset) -> Backend:
-        if self._failed is not None:
-            raise StageFailure(
-                f"this pipeline's stages stopped after a failure ({self._failed}); build a new "
-                "Pipeline and load_checkpoint to continue"
-            )
-        self._pick_loss(data)
-        backend = self.backend
-        if not self._started:
-            backend.start(self.specs())
-            self._started = True
-            if self._pending_states is not None:
-                backend.load_state_dicts(self._pending_states)
-                self._pending_states = None
-        return backend
-
-    def _data_key(self, data: Dataset) -> str:
-        """Place ``data`` on the stages once (inputs on the first, targets on the last); the
-        stages hold the last :data:`HELD_DATASETS` datasets used."""
-        held = self._datasets.pop(id(data), None)
-        if held is not None:
-            self._datasets[id(data)] = held  # the most recently used last
-            return held[0]
-        self._placed += 1
-        key = f"data{self._placed}"
-        self.backend.put_data(key, data.x, data.y)
-        self._datasets[id(data)] = (key, data)  # holding ``data`` keeps its id unique
-        while len(self._datasets) > HELD_DATASETS:
-            old_key, _ = self._datasets.pop(next(iter(self._datasets)))
-            self.backend.drop_data(old_key)
-        return key
-
-    def _guarded(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Call the backend; a stage failure (or an interruption mid-epoch) leaves stages
-        mid-schedule, so the pipeline refuses to go on from there."""
-        try:
-            return fn(*args)
-        except StageFailure as exc:
-            self._failed = str(exc)
-            raise
-        except KeyboardInterrupt:
-            self._failed = "interrupted"
-            raise
+        self._stages.check_usable()
+        self._builder.pick_loss(data)
+        return self._stages.start(self.backend, self.specs)
 
     def close(self) -> None:
         """Stop the stage workers (processes or actors) this pipeline started. Their state
         is kept here first, so the pipeline stays usable: a later call starts new workers
         (or, on a backend it was given, sets its stages up again) and continues exactly."""
-        if self._backend is None:
-            return
-        if self._started and self._failed is None:
-            try:
-                self._pending_states = self._backend.state_dicts()
-            except AimcpipeError as exc:
-                self._failed = str(exc)
-        if self._owns_backend:
-            self._backend.close()
-            self._backend = None
-        self._started = False
-        self._datasets.clear()
+        self._stages.close()
 
     def __enter__(self) -> Pipeline:
         return self
@@ -370,34 +213,16 @@ class Pipeline:
         )
 
     def _minibatches(self, data: Dataset) -> int:
-        per = self.microbatches * self.microbatch_size
-        k = len(data) // per
-        if k < 1:
-            raise ConfigError(
-                f"data: {len(data)} training samples are fewer than one mini-batch "
-                f"(pipeline.microbatches {self.microbatches} × pipeline.microbatch_size "
-                f"{self.microbatch_size} = {per})"
-            )
-        return k
+        return minibatches_per_epoch(len(data), self.microbatches, self.microbatch_size)
 
     def _check_waits(self, minibatches: int) -> None:
-        """With emulated device time the schedule says how long a stage will wait for a
-        message; a timeout shorter than that would stop a healthy run, so refuse it now."""
-        if not self.cycle_s or self.backend_name == "local":
-            return
-        wait, action = longest_wait(simulate(self.schedule_for(minibatches), self.costs))
-        wait_s = wait * self.cycle_s
-        if 1.2 * wait_s + 1.0 > self.runtime.timeout_s:
-            raise ConfigError(
-                f"runtime.timeout_s: with device_time.cycle_s {self.cycle_s:g} a stage of this "
-                f"schedule waits {wait_s:.3g} s (for {action}), too close to the timeout of "
-                f"{self.runtime.timeout_s:g} s; raise runtime.timeout_s above "
-                f"{1.2 * wait_s + 1.0:.3g} s or lower device_time.cycle_s"
-            )
+        if self.cycle_s and self.backend_name != "local":
+            schedule = self.schedule_for(minibatches)
+            check_waits(schedule, self.costs, self.cycle_s, self.runtime.timeout_s)
 
     def plan(self, data: Dataset, epoch: int) -> EpochPlan:
         """Epoch ``epoch``'s plan over ``data`` (placed on the stages)."""
-        _require_dataset("data", data)
+        require_dataset("data", data)
         check_int("epoch", epoch, 0)
         return EpochPlan(
             epoch=epoch,
@@ -408,7 +233,7 @@ class Pipeline:
             minibatches=self._minibatches(data),
             microbatch_size=self.microbatch_size,
             weight_stashing=self.weight_stashing,
-            data=self._data_key(data),
+            data=self._stages.data_key(self.backend, data),
             order=epoch_order(len(data), self.seed, epoch),
             costs=self.costs,
             cycle_s=self.cycle_s,
@@ -418,118 +243,60 @@ class Pipeline:
     def train_epoch(self, data: Dataset, epoch: int, epochs: int | None = None) -> EpochResult:
         """Run one epoch's schedule over ``data`` (shuffled by seed and epoch); ``epochs``
         only labels the progress bar."""
-        _require_dataset("data", data)
+        require_dataset("data", data)
         check_int("epoch", epoch, 0)
         backend = self._start(data)
         plan = self.plan(data, epoch)
-        k = plan.minibatches
-        bar = None
-        progress = None
-        if self.progress:
-            from tqdm.auto import tqdm
+        return self._epochs.run(backend, plan, self._stages.guarded, self.progress, epochs)
 
-            label = f"epoch {epoch + 1}" + (f"/{epochs}" if epochs else "")
-            bar = tqdm(total=k, desc=label, unit="mini-batch", leave=False)
+    @property
+    def _trace(self) -> list[list[ActionRecord]] | None:
+        """The first epoch's executed actions per stage (set None to trace the next one)."""
+        return self._epochs.trace
 
-            def progress(done: int) -> None:
-                assert bar is not None
-                bar.update(done // self.microbatches - bar.n)
-
-        origin = time.perf_counter()
-        try:
-            reports = self._guarded(backend.run_epoch, plan, progress)
-        finally:
-            if bar is not None:
-                bar.close()
-        wall = time.perf_counter() - origin
-        return self._epoch_result(plan, reports, origin, wall)
-
-    def _epoch_result(
-        self, plan: EpochPlan, reports: list[StageReport], origin: float, wall: float
-    ) -> EpochResult:
-        records = [shifted(rep.records, -origin) for rep in reports]
-        schedule = plan.schedule()  # interpreters run their lists in order: this is what ran
-        sim = self._simulated.get((schedule,), self.costs, lambda: simulate(schedule, self.costs))
-        if self._trace is None:
-            self._trace = records
-            self._trace_epoch = plan.epoch
-            self._trace_clocks = self.backend.clocks()
-        return EpochResult.from_run(
-            epoch=plan.epoch,
-            lr=plan.lr,
-            stats=reports[-1].stats,
-            records=records,
-            wall_s=wall,
-            sim=sim,
-            counters=[rep.counters for rep in reports],
-            bytes_sent=[rep.bytes_sent for rep in reports],
-            overruns=[rep.overruns for rep in reports],
-            cycle_s=plan.cycle_s,
-        )
+    @_trace.setter
+    def _trace(self, records: list[list[ActionRecord]] | None) -> None:
+        self._epochs.trace = records
 
     def evaluate(self, data: Dataset, stream: int | None = None) -> dict[str, float]:
         """Mean loss (and accuracy for classification) of the current model on ``data``.
 
         Evaluation draws its IO noise from streams of its own (``stream``, by default the
         number of epochs trained), so it never changes training (see ``Stage.evaluation``)."""
-        _require_dataset("data", data)
+        require_dataset("data", data)
         backend = self._start(data)
         plan = EvalPlan(
-            data=self._data_key(data),
+            data=self._stages.data_key(self.backend, data),
             size=len(data),
             chunk=self.eval_batch_size,
             stream=self.epoch if stream is None else stream,
             timeout_s=self.runtime.timeout_s,
         )
-        result = self._guarded(backend.evaluate, plan)
-        out = {"loss": result.loss_sum / len(data)}
-        if data.task == "classification":
-            out["accuracy"] = result.correct / len(data)
-        return out
+        result = self._stages.guarded(backend.evaluate, plan)
+        return result.means(len(data), accuracy=data.task == "classification")
 
     def check_data(self, data: Dataset) -> None:
         """Run one micro-batch through every stage and the loss (on evaluation streams, so
         training is unchanged): a model that does not fit the data fails here, before any
         file is written or process started, with one line naming the stage."""
-        _require_dataset("data", data)
-        self._pick_loss(data)
-        assert self._loss is not None
-        x = data.x[: self.microbatch_size]
-        t = data.y[: self.microbatch_size]
-        for s in range(self.num_stages):
-            stage = self._local_stage(s)
-            with stage.evaluation(-1):
-                try:
-                    x = stage.infer(x)
-                except Exception as exc:
-                    raise ConfigError(
-                        f"model: stage {s} ({', '.join(stage.names)}) cannot take "
-                        f"the data (input {tuple(x.shape)} from {data.name}): "
-                        f"{type(exc).__name__}: {exc}".replace("\n", " ")
-                    ) from None
-        try:
-            with torch.no_grad():
-                resolve_loss(self._loss)(x, t)
-        except Exception as exc:
-            raise ConfigError(
-                f"model: its output {tuple(x.shape)} does not fit the {data.task} targets "
-                f"{tuple(t.shape)} of {data.name}: {type(exc).__name__}: {exc}".replace("\n", " ")
-            ) from None
+        require_dataset("data", data)
+        self._builder.check_takes(data, lr=self.lr, seed=self.seed, count=self.microbatch_size)
 
     def fit(self, train: Dataset, test: Dataset | None = None, epochs: int = 1) -> RunMetrics:
         """Train until ``epochs`` epochs are done in total; evaluate on ``test`` after each
         epoch; write the run directory if ``out`` was given. Returns the metrics."""
         check_int("epochs", epochs, 1)
-        _require_dataset("train", train)
-        _require_dataset("test", test, optional=True)
+        require_dataset("train", train)
+        require_dataset("test", test, optional=True)
         self._check_waits(self._minibatches(train))  # fail before any work if it cannot run
-        if self.out is not None:
-            self._check_out()
+        run_dir = RunDirectory(self.out) if self.out is not None else None
+        if run_dir is not None:
+            run_dir.check_fresh(self.epoch)
         if self.epoch < epochs:
             log.info("%s", self.partition.describe())
             self._start(train)  # stage processes that cannot start fail before any file
-        if self.out is not None:
-            self._write_start()
+        if run_dir is not None:
+            run_dir.start(self.epoch, self.partition.to_dict(), self.settings, self.metrics.history)
         for epoch in range(self.epoch, epochs):
             started = time.perf_counter()
             result = self.train_epoch(train, epoch, epochs)
@@ -542,49 +309,35 @@ class Pipeline:
             self.epoch = epoch + 1
             log.info("%s", result.summary(epochs))
             if not math.isfinite(result.train_loss):
-                kept = ""
-                if self.out is not None and (self.out / CHECKPOINT_NAME).is_file():
-                    kept = f"; {self.out / CHECKPOINT_NAME} holds the last checkpoint"
+                kept = run_dir.kept_checkpoint() if run_dir is not None else ""
                 raise AimcpipeError(
                     f"training diverged in epoch {epoch + 1} (train loss {result.train_loss}); "
                     f"try a smaller optim.lr{kept}"
                 )
-            if self.out is not None:
-                self._append_history()
+            if run_dir is not None:
+                run_dir.append_history(self.metrics.history[-1])
                 due = self.checkpoint_every and self.epoch % self.checkpoint_every == 0
                 if due or self.epoch == epochs:
-                    save_checkpoint(self.out / CHECKPOINT_NAME, self.checkpoint_state())
-        if self.out is not None:
-            self._write_end()
+                    run_dir.save_checkpoint(self.checkpoint_state())
+        if run_dir is not None:
+            head = (
+                f"{self.policy} S={self.num_stages} Bm={self.microbatches} on {self.backend_name}"
+            )
+            run_dir.finish(self.metrics, self.state_dict(), self._epochs, head)
         return self.metrics
 
     # -- state -------------------------------------------------------------------------------
-    def _stage_states(self) -> list[dict[str, Any]]:
-        if self._started:
-            return self.backend.state_dicts()
-        if self._pending_states is not None:
-            return self._pending_states
-        # not started: the blocks as built, with each stage's initial random state
-        return [self._local_stage(s).state_dict() for s in range(self.num_stages)]
+    def _initial_states(self) -> list[dict[str, Any]]:
+        return self._builder.initial_states(lr=self.lr, seed=self.seed)
 
     def state_dict(self) -> dict[str, Any]:
         """The whole model's weights (stages merged), keyed as ``model.state_dict()``."""
-        if self._started:
-            states = self.backend.model_states()
-        else:
-            states = [
-                {f"{name}.{key}": v for name, sd in st["blocks"].items() for key, v in sd.items()}
-                for st in self._stage_states()
-            ]
-        merged: dict[str, Any] = {}
-        for state in states:
-            merged.update(state)
-        return merged
+        return self._stages.model_state(self._initial_states)
 
     def checkpoint_state(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
-            "stages": self._stage_states(),
+            "stages": self._stages.states(self._initial_states),
             "metrics": self.metrics.to_state(),
             "bounds": list(self.partition.bounds),
             "settings": self.settings,
@@ -596,99 +349,10 @@ class Pipeline:
         already read with :func:`aimcpipe.runtime.checkpoint.load_checkpoint`. A checkpoint
         of another model or partition is refused before anything changes."""
         state = path if isinstance(path, dict) else load_checkpoint(path)
-        if not isinstance(state.get("stages"), list | tuple) or "bounds" not in state:
-            raise ConfigError("checkpoint: not an aimcpipe checkpoint (no stages and bounds)")
-        if list(state["bounds"]) != list(self.partition.bounds):
-            raise ConfigError(
-                f"checkpoint: the checkpoint's partition {state['bounds']} differs from this "
-                f"run's {list(self.partition.bounds)}"
-            )
-        stages = list(state["stages"])
-        self._check_fits(stages)
-        if self._started:
-            self.backend.load_state_dicts(stages)
-        else:
-            self._pending_states = stages
+        stages = checkpoint_stages(state, self.partition.bounds, self._builder.all_blocks())
+        self._stages.load_states(stages)
         metrics = RunMetrics.from_state(state["metrics"])
         metrics.backend = self.backend_name  # the backend may change on resume
         metrics.cycle_s = self.cycle_s
         self.metrics = metrics
         self.epoch = int(state["epoch"])
-
-    def _check_fits(self, stages: list[Any]) -> None:
-        """Every stage state of a checkpoint holds this model's blocks, tensors of its shapes."""
-        if len(stages) != self.num_stages:
-            raise ConfigError(
-                f"checkpoint: the checkpoint holds {len(stages)} stages, this run has "
-                f"{self.num_stages}"
-            )
-        for s, st in enumerate(stages):
-            blocks = st.get("blocks") if isinstance(st, dict) else None
-            mine = dict(self._stage_blocks(s))
-            if not isinstance(blocks, dict) or list(blocks) != list(mine):
-                got = list(blocks) if isinstance(blocks, dict) else None
-                raise ConfigError(
-                    f"checkpoint: the checkpoint's stage {s} holds blocks {got}, this model's "
-                    f"stage {s} holds {list(mine)}: it was written for another model"
-                )
-            for name, module in mine.items():
-                want = {
-                    k: tuple(v.shape) if isinstance(v, torch.Tensor) else None
-                    for k, v in module.state_dict().items()
-                }
-                have = {
-                    k: tuple(v.shape) if isinstance(v, torch.Tensor) else None
-                    for k, v in blocks[name].items()
-                }
-                if want != have:
-                    key = next(k for k in {*want, *have} if want.get(k) != have.get(k))
-                    raise ConfigError(
-                        f"checkpoint: the checkpoint's {name}.{key} has shape "
-                        f"{have.get(key, 'none')}, this model's {want.get(key, 'none')}: it "
-                        "was written for another model"
-                    )
-
-    # -- run directory -----------------------------------------------------------------------
-    def _check_out(self) -> None:
-        assert self.out is not None
-        if self.epoch == 0 and self.out.is_dir() and any(self.out.iterdir()):
-            raise ConfigError(
-                f"out: {self.out} is not empty; give a new directory (or load_checkpoint it "
-                "to continue that run)"
-            )
-
-    def _write_start(self) -> None:
-        assert self.out is not None
-        self._check_out()
-        self.out.mkdir(parents=True, exist_ok=True)
-        # until this run finishes, the directory must not look complete
-        (self.out / "metrics.json").unlink(missing_ok=True)
-        (self.out / "partition.json").write_text(
-            json.dumps(self.partition.to_dict(), indent=2) + "\n"
-        )
-        if self.settings is not None:
-            import yaml
-
-            (self.out / "config.yaml").write_text(yaml.safe_dump(self.settings, sort_keys=False))
-        # the history of a resumed run is what its checkpoint saw, not what came after
-        lines = [json.dumps(h) for h in self.metrics.history]
-        (self.out / "history.jsonl").write_text("".join(line + "\n" for line in lines))
-
-    def _append_history(self) -> None:
-        assert self.out is not None
-        with (self.out / "history.jsonl").open("a") as fh:
-            fh.write(json.dumps(self.metrics.history[-1]) + "\n")
-
-    def _write_end(self) -> None:
-        from aimcpipe.runtime.rundir import write_results
-
-        assert self.out is not None
-        write_results(
-            self.out,
-            metrics=self.metrics,
-            model_state=self.state_dict(),
-            trace=self._trace,
-            label=f"{self.policy} S={self.num_stages} Bm={self.microbatches} on "
-            f"{self.backend_name} (epoch {self._trace_epoch + 1})",
-            clocks=self._trace_clocks,
-        )

@@ -6,6 +6,10 @@ epoch's lr, sample order and schedule shape (:class:`EpochPlan`), an evaluation 
 (:class:`EvalPlan`). A worker builds its own action list from the plan (the scheduler package
 is pure data), so no schedule travels, and it never reads another process's clock or random
 state. What comes back is a :class:`StageReport` per epoch.
+
+The shape of an epoch is checked here too, before any work: how many mini-batches a
+training set makes (:func:`minibatches_per_epoch`), and whether the stages' timeout leaves
+room for the longest wait of an emulated-time schedule (:func:`check_waits`).
 """
 
 from __future__ import annotations
@@ -19,11 +23,28 @@ from typing import Any
 import torch
 from torch import nn
 
+from aimcpipe.errors import ConfigError
 from aimcpipe.runtime.interpreter import ActionRecord
-from aimcpipe.scheduler import Action, CostModel, Schedule, build_schedule
+from aimcpipe.scheduler import (
+    Action,
+    CostModel,
+    Schedule,
+    build_schedule,
+    longest_wait,
+    simulate,
+)
 from aimcpipe.stages.stage import LossFn, StageCounters
 
-__all__ = ["EpochPlan", "EvalPlan", "EvalResult", "StageReport", "StageSpec", "shifted"]
+__all__ = [
+    "EpochPlan",
+    "EvalPlan",
+    "EvalResult",
+    "StageReport",
+    "StageSpec",
+    "check_waits",
+    "minibatches_per_epoch",
+    "shifted",
+]
 
 
 @dataclass
@@ -84,6 +105,35 @@ def cached_schedule(
     return build_schedule(policy, num_stages, microbatches, minibatches, **options)
 
 
+def minibatches_per_epoch(size: int, microbatches: int, microbatch_size: int) -> int:
+    """K: the whole mini-batches of ``microbatches`` × ``microbatch_size`` samples in ``size``
+    training samples (the rest is dropped); fewer than one is a config error."""
+    per = microbatches * microbatch_size
+    k = size // per
+    if k < 1:
+        raise ConfigError(
+            f"data: {size} training samples are fewer than one mini-batch "
+            f"(pipeline.microbatches {microbatches} × pipeline.microbatch_size "
+            f"{microbatch_size} = {per})"
+        )
+    return k
+
+
+def check_waits(schedule: Schedule, costs: CostModel, cycle_s: float, timeout_s: float) -> None:
+    """With emulated device time (``cycle_s`` per cost-model cycle) the schedule says how long
+    a stage will wait for a message; a timeout shorter than that would stop a healthy run, so
+    refuse it now."""
+    wait, action = longest_wait(simulate(schedule, costs))
+    wait_s = wait * cycle_s
+    if 1.2 * wait_s + 1.0 > timeout_s:
+        raise ConfigError(
+            f"runtime.timeout_s: with device_time.cycle_s {cycle_s:g} a stage of this "
+            f"schedule waits {wait_s:.3g} s (for {action}), too close to the timeout of "
+            f"{timeout_s:g} s; raise runtime.timeout_s above "
+            f"{1.2 * wait_s + 1.0:.3g} s or lower device_time.cycle_s"
+        )
+
+
 @dataclass(frozen=True)
 class EvalPlan:
     """Evaluate dataset ``data`` in chunks of ``chunk`` samples on evaluation random
@@ -107,6 +157,13 @@ class EvalResult:
     loss_sum: float = 0.0
     correct: int = 0
     count: int = 0
+
+    def means(self, size: int, accuracy: bool) -> dict[str, float]:
+        """Mean loss over ``size`` samples, and the accuracy if asked (classification)."""
+        out = {"loss": self.loss_sum / size}
+        if accuracy:
+            out["accuracy"] = self.correct / size
+        return out
 
 
 @dataclass

@@ -1,10 +1,12 @@
-"""The files of a run directory (docs/design.md §6) written at the end of training.
+"""The files of a run directory (docs/design.md §6).
 
-``config.yaml`` and ``history.jsonl`` are written as the run goes (by the pipeline);
-this module writes the rest: ``metrics.json`` last of all, so a directory without it is a run
-that did not finish (its ``checkpoint.pt`` can be resumed). ``trace.json`` shows the first
-epoch's actions in real microseconds; ``curves.png`` plots loss and accuracy per epoch when
-matplotlib is installed.
+A :class:`RunDirectory` writes them as a pipeline's ``fit`` goes: ``partition.json``,
+``config.yaml`` and ``history.jsonl`` at the start, a line of history per epoch and
+``checkpoint.pt`` when due; at the end (:meth:`RunDirectory.finish`, :func:`write_results`)
+the rest, ``metrics.json`` last of all, so a directory without it is a run that did not
+finish (its ``checkpoint.pt`` can be resumed). ``trace.json`` shows the first epoch's actions
+in real microseconds; ``curves.png`` plots loss and accuracy per epoch when matplotlib is
+installed.
 """
 
 from __future__ import annotations
@@ -15,14 +17,19 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from aimcpipe.errors import ConfigError
+from aimcpipe.runtime.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from aimcpipe.runtime.metrics import RunMetrics
 from aimcpipe.scheduler.trace import track_events
 
-__all__ = ["plot_curves", "runtime_trace", "write_json", "write_results"]
+if TYPE_CHECKING:
+    from aimcpipe.runtime.epoch_runner import EpochRunner
+
+__all__ = ["RunDirectory", "plot_curves", "runtime_trace", "write_json", "write_results"]
 
 log = logging.getLogger(__name__)
 
@@ -128,3 +135,71 @@ def write_results(
     title = f"{metrics.policy}, {metrics.stages} stage(s), Bm={metrics.microbatches}"
     plot_curves(metrics.history, out / "curves.png", title)
     write_json(out / "metrics.json", metrics.to_dict())
+
+
+class RunDirectory:
+    """The run directory ``path`` of one ``fit``: a new run needs it empty (or absent); a
+    resumed run (``epoch`` > 0) writes into the one its checkpoint came from."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def check_fresh(self, epoch: int) -> None:
+        if epoch == 0 and self.path.is_dir() and any(self.path.iterdir()):
+            raise ConfigError(
+                f"out: {self.path} is not empty; give a new directory (or load_checkpoint it "
+                "to continue that run)"
+            )
+
+    def start(
+        self,
+        epoch: int,
+        partition: dict[str, Any],
+        settings: dict[str, Any] | None,
+        history: Sequence[dict[str, Any]],
+    ) -> None:
+        """``partition.json``, ``config.yaml`` (if ``settings``), and ``history.jsonl`` as far
+        as ``history`` goes; any ``metrics.json`` of an earlier attempt is removed."""
+        self.check_fresh(epoch)
+        self.path.mkdir(parents=True, exist_ok=True)
+        # until this run finishes, the directory must not look complete
+        (self.path / "metrics.json").unlink(missing_ok=True)
+        (self.path / "partition.json").write_text(json.dumps(partition, indent=2) + "\n")
+        if settings is not None:
+            import yaml
+
+            (self.path / "config.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+        # the history of a resumed run is what its checkpoint saw, not what came after
+        lines = [json.dumps(h) for h in history]
+        (self.path / "history.jsonl").write_text("".join(line + "\n" for line in lines))
+
+    def append_history(self, entry: dict[str, Any]) -> None:
+        with (self.path / "history.jsonl").open("a") as fh:
+            fh.write(json.dumps(entry) + "\n")
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / CHECKPOINT_NAME
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        save_checkpoint(self.checkpoint, state)
+
+    def finish(
+        self, metrics: RunMetrics, model_state: dict[str, Any], epochs: EpochRunner, head: str
+    ) -> None:
+        """The results (:func:`write_results`), with the trace ``epochs`` kept, labelled
+        ``head`` and the epoch it shows."""
+        write_results(
+            self.path,
+            metrics=metrics,
+            model_state=model_state,
+            trace=epochs.trace,
+            label=f"{head} (epoch {epochs.trace_epoch + 1})",
+            clocks=epochs.trace_clocks,
+        )
+
+    def kept_checkpoint(self) -> str:
+        """For an error that ends the run: where its last checkpoint is, if one was written."""
+        if self.checkpoint.is_file():
+            return f"; {self.checkpoint} holds the last checkpoint"
+        return ""
