@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from aimcpipe.errors import ConfigError
+from aimcpipe.errors import UserCodeError, describe_exception
 from aimcpipe.runtime.datasets import Dataset
 from aimcpipe.runtime.losses import resolve_loss
 from aimcpipe.runtime.plan import StageSpec
@@ -95,17 +95,17 @@ class StageBuilder:
             with stage.evaluation(-1):
                 try:
                     x = stage.infer(x)
-                except Exception as exc:
-                    raise ConfigError(
+                except Exception as exc:  # kept as the cause: --debug shows where it began
+                    raise UserCodeError(
                         f"model: stage {s} ({', '.join(stage.names)}) cannot take "
                         f"the data (input {tuple(x.shape)} from {data.name}): "
-                        f"{type(exc).__name__}: {exc}".replace("\n", " ")
-                    ) from None
+                        f"{describe_exception(exc)}"
+                    ) from exc
         try:
             with torch.no_grad():
                 resolve_loss(self.loss)(x, t)
         except Exception as exc:
-            raise ConfigError(
+            raise UserCodeError(
                 f"model: its output {tuple(x.shape)} does not fit the {data.task} targets "
-                f"{tuple(t.shape)} of {data.name}: {type(exc).__name__}: {exc}".replace("\n", " ")
-            ) from None
+                f"{tuple(t.shape)} of {data.name}: {describe_exception(exc)}"
+            ) from exc
