@@ -24,8 +24,8 @@ def _describe(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is typing.Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):  # list[int] | list[str] names "list" once
+        return " or ".join(dict.fromkeys(_describe(a) for a in typing.get_args(tp)))
     if tp is type(None):
         return "null"
     if dataclasses.is_dataclass(tp):

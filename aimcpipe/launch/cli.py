@@ -27,6 +27,7 @@ from aimcpipe.errors import AimcpipeError
 __all__ = ["main"]
 
 DEBUG_ENV = "AIMCPIPE_DEBUG"
+DEBUG_OFF = ("", "0", "false", "no", "off")
 DEBUG_HELP = (
     f"on an error, print the full Python traceback (also: {DEBUG_ENV}=1); without it, an "
     "error is one line"
@@ -107,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         forced()  # a bad AIMCPIPE_COUNT_KERNEL fails here, not at the first pulsed update
         return int(args._run(args) or 0)
     except AimcpipeError as exc:
-        if args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        if args.debug or os.environ.get(DEBUG_ENV, "").strip().lower() not in DEBUG_OFF:
             _print_debug(exc)
         print(f"aimcpipe {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from aimcpipe.errors import ConfigError
+from aimcpipe.errors import ConfigError, describe_exception
 
 __all__ = ["check_out_dir", "check_writable", "staged_dir"]
 
@@ -21,6 +21,8 @@ __all__ = ["check_out_dir", "check_writable", "staged_dir"]
 # What aimcpipe commands write into an output directory. ``--force`` replaces a directory only
 # when everything in it is one of these (or a hidden temporary of ours), so neither
 # ``--out . --force`` nor a folder that also holds the user's own files is ever deleted.
+# what another command could resume from, so --force of a different command keeps it
+RESUMABLE = {"sweep.json": "an aimcpipe speedup sweep", "checkpoint.pt": "an aimcpipe train run"}
 OUTPUT_FILES = frozenset(
     {
         "metrics.json", "results.json", "config.yaml", "checkpoint.pt", "history.jsonl",
@@ -65,6 +67,12 @@ def check_out_dir(
                 f"--out: {out} holds {foreign[0]!r}, which aimcpipe did not write; --force "
                 "replaces only aimcpipe output directories"
             )
+        for name, what in RESUMABLE.items():  # another command's work that could go on
+            if name != resumable_by and (path / name).exists():
+                raise ConfigError(
+                    f"--out: {out} holds {what} ({name}); --force replaces only output of "
+                    "this command: choose a new directory, or delete that one yourself"
+                )
     check_writable(path, "--out")
     return path
 
@@ -75,7 +83,10 @@ def check_writable(path: Path, flag: str) -> None:
     for a new ``path``, the nearest existing folder above it. Tried by making and removing a
     temporary directory, which also catches a read-only file system and permissions that
     ``os.access`` does not judge."""
-    resolved = path.resolve()
+    try:
+        resolved = path.resolve()
+    except (RuntimeError, OSError) as exc:  # a symlink loop, a name the system refuses
+        raise ConfigError(f"{flag}: cannot use {path} ({describe_exception(exc)})") from None
     if resolved.exists():
         places = [resolved, resolved.parent]
     else:

@@ -247,7 +247,8 @@ class TrainConfig:
 
 class _Loader(yaml.SafeLoader):
     """YAML 1.1 (PyYAML) reads ``1e-3`` as a string; configs write learning rates that way, so
-    numbers with an exponent and no dot are floats here, as in YAML 1.2 and Python."""
+    numbers with an exponent and no dot are floats here, as in YAML 1.2 and Python. YAML 1.1's
+    base-60 numbers are not: ``1:30`` stays the string it looks like, not 90."""
 
 
 _Loader.add_implicit_resolver(
@@ -255,6 +256,12 @@ _Loader.add_implicit_resolver(
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"),
 )
+
+_BASE_60 = re.compile(r"^[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?$")
+_Loader.yaml_implicit_resolvers = {
+    first: ([("tag:yaml.org,2002:str", _BASE_60)] if first in "-+0123456789" else []) + list(rules)
+    for first, rules in _Loader.yaml_implicit_resolvers.items()
+}  # the str rule comes first, so base-60 never reaches the int and float rules
 
 
 class _DuplicateKey(yaml.YAMLError):

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from aimcpipe.dataconf import check_int
-from aimcpipe.errors import AimcpipeError
+from aimcpipe.errors import AimcpipeError, ConfigError, describe_exception
 from aimcpipe.runtime.backends import Backend, make_backend
 from aimcpipe.runtime.checkpoint import checkpoint_stages, load_checkpoint
 from aimcpipe.runtime.datasets import Dataset, epoch_order
@@ -55,6 +55,7 @@ from aimcpipe.runtime.pipeline_checks import (
     check_backend,
     cut_model,
     require_dataset,
+    require_samples,
     stage_costs,
 )
 from aimcpipe.runtime.plan import (
@@ -264,6 +265,7 @@ class Pipeline:
         Evaluation draws its IO noise from streams of its own (``stream``, by default the
         number of epochs trained), so it never changes training (see ``Stage.evaluation``)."""
         require_dataset("data", data)
+        require_samples("data", data)
         backend = self._start(data)
         plan = EvalPlan(
             data=self._stages.data_key(self.backend, data),
@@ -289,6 +291,11 @@ class Pipeline:
         require_dataset("train", train)
         require_dataset("test", test, optional=True)
         self._check_waits(self._minibatches(train))  # fail before any work if it cannot run
+        if self.epoch < epochs:  # data the model cannot take fails now, not after an epoch
+            self.check_data(train)
+            if test is not None:
+                require_samples("test", test)
+                self.check_data(test)
         run_dir = RunDirectory(self.out) if self.out is not None else None
         if run_dir is not None:
             run_dir.check_fresh(self.epoch)
@@ -350,9 +357,19 @@ class Pipeline:
         of another model or partition is refused before anything changes."""
         state = path if isinstance(path, dict) else load_checkpoint(path)
         stages = checkpoint_stages(state, self.partition.bounds, self._builder.all_blocks())
+        for s, stage_state in enumerate(stages):  # a damaged entry is refused here, not later
+            self._builder.check_state(s, stage_state, lr=self.lr, seed=self.seed)
+        try:
+            metrics = RunMetrics.from_state(state["metrics"])
+        except Exception as exc:
+            raise ConfigError(
+                f"checkpoint: its metrics are damaged ({describe_exception(exc)})"
+            ) from exc
         self._stages.load_states(stages)
-        metrics = RunMetrics.from_state(state["metrics"])
         metrics.backend = self.backend_name  # the backend may change on resume
         metrics.cycle_s = self.cycle_s
         self.metrics = metrics
-        self.epoch = int(state["epoch"])
+        epoch = state.get("epoch")
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ConfigError(f"checkpoint: its epoch must be an integer >= 0, got {epoch!r}")
+        self.epoch = epoch

@@ -38,6 +38,7 @@ __all__ = [
     "check_type",
     "cut_model",
     "require_dataset",
+    "require_samples",
     "stage_costs",
 ]
 
@@ -59,6 +60,12 @@ def require_dataset(name: str, data: object, optional: bool = False) -> None:
             f"{name}: must be {allowed} (load_dataset returns them; "
             f"Dataset(name, x, y, task, num_classes) wraps tensors), got {type(data).__name__}"
         )
+
+
+def require_samples(name: str, data: Dataset) -> None:
+    """A dataset to evaluate on must hold samples."""
+    if len(data) == 0:
+        raise ConfigError(f"{name}: the dataset {data.name!r} holds no samples")
 
 
 def check_arguments(
@@ -97,6 +104,10 @@ def check_arguments(
         check_type("optim.lr_schedule", lr_schedule, LRSchedule, "an LRSchedule")
     if out is not None:
         check_type("out", out, str | Path, "a directory path")
+        if not str(out).strip():
+            raise ConfigError("out: give a directory name (an empty path is not one)")
+        if Path(out).exists() and not Path(out).is_dir():
+            raise ConfigError(f"out: {out} exists and is not a directory")
     if weight_stashing and policy != "async":
         raise ConfigError("pipeline.weight_stashing: only the async policy stashes weights")
 

@@ -10,19 +10,27 @@ not started.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from aimcpipe.errors import UserCodeError, describe_exception
+from aimcpipe.errors import ConfigError, UserCodeError, describe_exception
 from aimcpipe.runtime.datasets import Dataset
 from aimcpipe.runtime.losses import resolve_loss
 from aimcpipe.runtime.plan import StageSpec
 from aimcpipe.stages.stage import LossFn, Stage
 
 __all__ = ["StageBuilder"]
+
+
+def _shape(x: Any) -> str:
+    """A tensor's shape, or what the model gave instead (a tuple, a dict, ...)."""
+    if isinstance(x, torch.Tensor):
+        return str(tuple(x.shape))
+    return f"a {type(x).__name__}, not a tensor"
 
 
 class StageBuilder:
@@ -62,6 +70,19 @@ class StageBuilder:
         loss = resolve_loss(self.loss or "mse") if s == num - 1 else None
         return Stage(s, num, self.blocks(s), lr=lr, loss_fn=loss, seed=seed)
 
+    def check_state(self, s: int, state: dict[str, Any], *, lr: float, seed: int) -> None:
+        """Load ``state`` into a copy of stage ``s`` (the blocks themselves are untouched):
+        a damaged checkpoint entry fails here with one line, before anything changes."""
+        num = self.num_stages
+        loss = resolve_loss(self.loss or "mse") if s == num - 1 else None
+        blocks = copy.deepcopy(self.blocks(s))
+        try:
+            Stage(s, num, blocks, lr=lr, loss_fn=loss, seed=seed).load_state_dict(state)
+        except Exception as exc:
+            raise ConfigError(
+                f"checkpoint: stage {s}'s state is damaged ({describe_exception(exc)})"
+            ) from exc
+
     def initial_states(self, *, lr: float, seed: int) -> list[dict[str, Any]]:
         """Every stage's state as built: the blocks, with each stage's initial random state."""
         return [self.local_stage(s, lr=lr, seed=seed).state_dict() for s in range(self.num_stages)]
@@ -98,14 +119,20 @@ class StageBuilder:
                 except Exception as exc:  # kept as the cause: --debug shows where it began
                     raise UserCodeError(
                         f"model: stage {s} ({', '.join(stage.names)}) cannot take "
-                        f"the data (input {tuple(x.shape)} from {data.name}): "
+                        f"the data (input {_shape(x)} from {data.name}): "
                         f"{describe_exception(exc)}"
                     ) from exc
+            if not isinstance(x, torch.Tensor):
+                raise ConfigError(
+                    f"model: stage {s} ({', '.join(stage.names)}) returns {_shape(x)}; "
+                    "every stage must return one tensor (what travels to the next stage or "
+                    "the loss)"
+                )
         try:
             with torch.no_grad():
                 resolve_loss(self.loss)(x, t)
         except Exception as exc:
             raise UserCodeError(
-                f"model: its output {tuple(x.shape)} does not fit the {data.task} targets "
+                f"model: its output {_shape(x)} does not fit the {data.task} targets "
                 f"{tuple(t.shape)} of {data.name}: {describe_exception(exc)}"
             ) from exc

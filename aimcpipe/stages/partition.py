@@ -497,6 +497,11 @@ def partition(
     ``fn(blocks, num_stages) -> blocks per stage``. With a list, ``num_stages`` may be None.
     ``tile_size`` sets the crossbar size for tile counts; ``example_input`` and ``repeats``
     drive the ``time`` method."""
+    if not isinstance(blocks, nn.Module | Sequence):
+        raise ConfigError(
+            f"partition: blocks must be a model or a list of (name, module) pairs, got "
+            f"{type(blocks).__name__}"
+        )
     named = pipeline_blocks(blocks) if isinstance(blocks, nn.Module) else list(blocks)
     for item in named:
         if not (

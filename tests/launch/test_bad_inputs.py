@@ -390,3 +390,92 @@ def test_a_malformed_ray_address_is_refused_before_anything_starts(
 
 def test_a_ray_address_in_the_config_is_checked_with_its_key(capsys, tmp_path):
     _one_line(capsys, ["train", CONFIG, "--set", "ray.address=somewhere"], "ray.address", "port")
+
+
+# ---- found by trying: shapes, damaged checkpoints, links, --force across commands ----------
+
+TUPLE_MODULE = """
+from torch import nn
+
+
+class Pair(nn.Module):
+    def forward(self, x):
+        return x, x
+
+
+def tuple_out():
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10), Pair())
+
+
+def tuple_mid():
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), Pair(), nn.Linear(16, 10))
+"""
+
+
+@pytest.mark.parametrize("factory, stages", [("tuple_out", 1), ("tuple_mid", 3)])
+def test_a_stage_that_returns_no_tensor_is_named(capsys, tmp_path, user_code, factory, stages):
+    mod = user_code(TUPLE_MODULE)
+    cfg = _factory_config(tmp_path, f"{mod}:{factory}", pipeline={"stages": stages})
+    _one_line(capsys, ["train", cfg, "--out", str(tmp_path / "o")], "returns a tuple, not a tensor",
+              "every stage must return one tensor")  # fmt: skip
+
+
+SMALL = ["--set", "data.limit_train=128", "--set", "data.limit_test=64", "--epochs", "1"]
+
+
+@pytest.mark.parametrize(
+    "damage, needles",
+    [
+        (lambda st: st.update(metrics="junk"), ["its metrics are damaged"]),
+        (lambda st: st["metrics"].update(bogus=1), ["its metrics are damaged"]),
+        (lambda st: st["stages"][0].update(rng_state="junk"), ["stage 0's state is damaged"]),
+        (lambda st: st["stages"][0].update(lr="x"), ["stage 0's state is damaged"]),
+        (lambda st: st.update(epoch=-3), ["its epoch must be an integer >= 0"]),
+    ],
+    ids=["metrics-str", "metrics-key", "rng", "lr", "epoch"],
+)
+def test_a_damaged_checkpoint_is_refused_on_resume(capsys, tmp_path, damage, needles):
+    import torch
+
+    run = tmp_path / "run"
+    assert main(["train", CONFIG, *SMALL, "--out", str(run)]) == 0
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    damage(state)
+    torch.save(state, run / "checkpoint.pt")
+    capsys.readouterr()
+    _one_line(capsys, ["train", "--resume", str(run), "--epochs", "2"], *needles)
+
+
+def test_an_out_in_a_symlink_loop_is_one_line(capsys, tmp_path):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    _one_line(capsys, ["simulate", "--stages", "2", "--microbatches", "2", "--out",
+                       str(tmp_path / "a")], "--out", "Symlink loop")  # fmt: skip
+    _one_line(capsys, ["lsq", "--out", str(tmp_path / "a" / "sub")], "--out", "Symlink loop")
+
+
+@pytest.mark.parametrize("value", ["0", "false", "No", "off", ""])
+def test_debug_env_values_that_mean_off(capsys, tmp_path, user_code, monkeypatch, value):
+    monkeypatch.setenv("AIMCPIPE_DEBUG", value)
+    mod = user_code(USER_MODULE)
+    _one_line(capsys, ["train", _factory_config(tmp_path, f"{mod}:build")], "broken factory")
+
+
+def test_a_base_60_number_is_not_read_as_an_integer(capsys):
+    """YAML 1.1 reads 1:30 as 90; here it stays a string and is refused where a number
+    belongs."""
+    _one_line(capsys, ["train", CONFIG, "--set", "pipeline.microbatches=1:30"],
+              "pipeline.microbatches", "'1:30'")  # fmt: skip
+
+
+def test_force_does_not_replace_another_commands_resumable_work(capsys, tmp_path):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "sweep.json").write_text("{}")
+    _one_line(capsys, ["train", CONFIG, "--out", str(sweep), "--force"], "speedup sweep")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"")
+    _one_line(capsys, ["simulate", "--stages", "2", "--microbatches", "2", "--out", str(run),
+                       "--force"], "train run")  # fmt: skip
+    assert (sweep / "sweep.json").exists() and (run / "checkpoint.pt").exists()

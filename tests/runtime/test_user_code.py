@@ -41,3 +41,37 @@ def test_a_loss_defined_in_the_users_script_is_named_on_the_torch_backend(tmp_pa
     assert line.startswith("StageFailure: stage 1"), done.stdout
     assert "'my_loss'" in line and "defined in the script being run (__main__)" in line, line
     assert "move the model, loss or partitioner into a module" in line, line
+
+
+def test_api_out_test_data_and_blocks_are_checked_before_any_training(tmp_path):
+    import pytest
+    import torch
+    from torch import nn
+
+    from aimcpipe.errors import ConfigError
+    from aimcpipe.runtime import Dataset, Pipeline
+    from aimcpipe.stages import partition
+
+    def model():
+        return nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    train = Dataset("toy", x, y, "classification", 3)
+    with pytest.raises(ConfigError, match=r"^out: give a directory name"):
+        Pipeline(model(), out="")
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    with pytest.raises(ConfigError, match=r"^out: .* exists and is not a directory"):
+        Pipeline(model(), out=afile)
+    empty = Dataset("empty", x[:0], y[:0], "classification", 3)
+    narrow = Dataset("narrow", torch.randn(16, 5), y[:16], "classification", 3)
+    with Pipeline(model(), stages=2, progress=False) as pipe:
+        with pytest.raises(ConfigError, match=r"^test: the dataset 'empty' holds no samples"):
+            pipe.fit(train, empty)
+        with pytest.raises(ConfigError, match=r"^model: stage 0 .* cannot take the data"):
+            pipe.fit(train, narrow)
+        assert pipe.epoch == 0  # refused before an epoch was trained
+        with pytest.raises(ConfigError, match=r"^data: the dataset 'empty' holds no samples"):
+            pipe.evaluate(empty)
+    with pytest.raises(ConfigError, match=r"^partition: blocks must be a model .* NoneType"):
+        partition(None, 2)

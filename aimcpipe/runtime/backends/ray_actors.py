@@ -32,6 +32,7 @@ from aimcpipe.runtime.backends.remote import Answer, Handle, RemoteBackend, stor
 from aimcpipe.runtime.host import StageHost, error_info, process_info
 from aimcpipe.runtime.options import RayOptions, RuntimeOptions
 from aimcpipe.runtime.ray_address import (
+    RayAddress,
     call_within,
     check_grpc,
     parse_ray_address,
@@ -107,6 +108,19 @@ def init_ray(options: RayOptions | None = None, num_cpus: float | None = None) -
     return True
 
 
+def _where(address: RayAddress) -> str:
+    """The address, with what ``auto`` found (Ray's record of the last cluster started here)."""
+    if not address.auto:
+        return str(address)
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        found = canonicalize_bootstrap_address("auto")
+    except Exception:  # nothing recorded, or a record Ray cannot read
+        found = None
+    return f"auto ({found})" if found else "auto (no cluster recorded on this machine)"
+
+
 def join_cluster(ray: Any, options: RayOptions, kwargs: dict[str, Any]) -> None:
     """``ray.init`` at ``options.address``, within ``options.connect_timeout_s`` in all: first
     a TCP connection to the address (so an address where nothing listens fails at once with
@@ -124,9 +138,9 @@ def join_cluster(ray: Any, options: RayOptions, kwargs: dict[str, Any]) -> None:
             call_within(lambda: ray.init(**kwargs), max(0.0, deadline - time.monotonic()), "ray")
     except TimeoutError:
         raise ConfigError(
-            f"ray.address: {address} answers, but Ray could not join the cluster there within "
-            f"{timeout_s:g} s (ray.connect_timeout_s); does it run Ray {ray.__version__}, as "
-            "this machine does?"
+            f"ray.address: {_where(address)} answers, but Ray could not join the cluster "
+            f"there within {timeout_s:g} s (ray.connect_timeout_s); is it running, with Ray "
+            f"{ray.__version__} as on this machine?"
         ) from None
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise ConfigError(
