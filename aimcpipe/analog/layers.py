@@ -21,6 +21,7 @@ from torch import nn
 
 from aimcpipe.analog.config import AnalogConfig
 from aimcpipe.analog.rules import AnalogWeight, build_weight
+from aimcpipe.dataconf import check_int
 from aimcpipe.errors import ConfigError
 from aimcpipe.seeding import derive_seed
 
@@ -59,6 +60,15 @@ class AnalogLayer(nn.Module):
         dtype: torch.dtype,
     ) -> None:
         super().__init__()
+        check_int("in_features", in_features, 1)
+        check_int("out_features", out_features, 1)
+        if config is not None and not isinstance(config, AnalogConfig):
+            raise ConfigError(
+                f"config: must be an AnalogConfig or None, got {type(config).__name__} "
+                "(AnalogConfig(...) or AnalogConfig.from_dict({...}) makes one)"
+            )
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ConfigError(f"dtype: must be a floating-point torch dtype, got {dtype!r}")
         self.config = config or AnalogConfig()
         self.analog = build_weight(
             self.config, out_features, in_features, seed, device=device, dtype=dtype
@@ -128,8 +138,14 @@ class AnalogLinear(AnalogLayer):
         )
 
 
-def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+def _pair(v: int | tuple[int, int], name: str = "size", minimum: int = 0) -> tuple[int, int]:
+    """``v`` as a pair of integers >= ``minimum`` (one-line ConfigError naming ``name``)."""
+    pair = (v, v) if isinstance(v, int) else tuple(v) if isinstance(v, tuple | list) else ()
+    if len(pair) != 2 or not all(
+        isinstance(p, int) and not isinstance(p, bool) and p >= minimum for p in pair
+    ):
+        raise ConfigError(f"{name}: must be an integer >= {minimum} or a pair of them, got {v!r}")
+    return (int(pair[0]), int(pair[1]))
 
 
 class AnalogConv2d(AnalogLayer):
@@ -152,7 +168,8 @@ class AnalogConv2d(AnalogLayer):
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        self.kernel_size = _pair(kernel_size)
+        check_int("in_channels", in_channels, 1)
+        self.kernel_size = _pair(kernel_size, "kernel_size", 1)
         if padding == "valid":
             padding = 0
         elif isinstance(padding, str):
@@ -163,9 +180,9 @@ class AnalogConv2d(AnalogLayer):
         super().__init__(out_channels, fan_in, bias, config, seed, device, dtype)
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.stride = _pair(stride)
-        self.padding = _pair(padding)
-        self.dilation = _pair(dilation)
+        self.stride = _pair(stride, "stride", 1)
+        self.padding = _pair(padding, "padding", 0)
+        self.dilation = _pair(dilation, "dilation", 1)
         self._init_weights(seed)
 
     @property

@@ -7,10 +7,13 @@ digital layers) gets plain SGD, ``p −= lr·scale·p.grad``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from aimcpipe.analog.layers import AnalogLayer
+from aimcpipe.errors import ConfigError
 
 __all__ = ["AnalogSGD"]
 
@@ -24,8 +27,10 @@ class AnalogSGD:
     """
 
     def __init__(self, model: nn.Module, lr: float) -> None:
-        if not lr > 0:
-            raise ValueError(f"lr: must be > 0, got {lr}")
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model: must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < math.inf:
+            raise ConfigError(f"lr: must be a number > 0, got {lr!r}")
         self.model = model
         self.lr = lr
         self._analog = [m for m in model.modules() if isinstance(m, AnalogLayer)]

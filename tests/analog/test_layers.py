@@ -19,6 +19,7 @@ from aimcpipe.analog import (
     convert,
     io_preset,
 )
+from aimcpipe.errors import ConfigError
 
 DIGITAL = AnalogConfig(rule="digital-sgd")
 
@@ -192,3 +193,31 @@ def test_an_analog_model_moves_with_to():
         assert torch.equal(model.state_dict()[key], value), key
     model.to(torch.float64)
     assert all(t.dtype == torch.float64 for t in model.buffers() if t.is_floating_point())
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: AnalogLinear(0, 4), r"^in_features: must be an integer >= 1, got 0"),
+        (lambda: AnalogLinear("4", 4), r"^in_features: must be an integer >= 1, got '4'"),
+        (lambda: AnalogLinear(4, -1), r"^out_features: must be an integer >= 1"),
+        (lambda: AnalogLinear(4, 4, config="ideal"), r"^config: must be an AnalogConfig or None"),
+        (lambda: AnalogLinear(4, 4, dtype=torch.int64), r"^dtype: must be a floating-point"),
+        (lambda: AnalogConv2d(1, 2, 0), r"^kernel_size: must be an integer >= 1"),
+        (lambda: AnalogConv2d(1, 2, 3, stride=-1), r"^stride: must be an integer >= 1"),
+        (lambda: AnalogConv2d(1, 2, (3, 3, 3)), r"^kernel_size: .*a pair of them"),
+        (lambda: AnalogConv2d(0, 2, 3), r"^in_channels: must be an integer >= 1"),
+    ],
+)
+def test_layer_arguments_are_checked_in_one_line(build, message):
+    with pytest.raises(ConfigError, match=message):
+        build()
+
+
+def test_analog_sgd_checks_its_arguments():
+    model = torch.nn.Sequential(AnalogLinear(4, 2))
+    for lr in (0, float("nan"), "0.1", True, float("inf")):
+        with pytest.raises(ConfigError, match=r"^lr: must be a number > 0"):
+            AnalogSGD(model, lr)
+    with pytest.raises(ConfigError, match=r"^model: must be a torch.nn.Module, got NoneType"):
+        AnalogSGD(None, 0.1)
