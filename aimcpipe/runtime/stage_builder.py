@@ -130,9 +130,18 @@ class StageBuilder:
                 )
         try:
             with torch.no_grad():
-                resolve_loss(self.loss)(x, t)
+                value = resolve_loss(self.loss)(x, t)
         except Exception as exc:
             raise UserCodeError(
                 f"model: its output {_shape(x)} does not fit the {data.task} targets "
                 f"{tuple(t.shape)} of {data.name}: {describe_exception(exc)}"
             ) from exc
+        scalar = isinstance(value, torch.Tensor) and value.numel() == 1
+        if not (scalar and value.is_floating_point()):
+            what = (
+                f"a tensor of shape {tuple(value.shape)}"
+                if isinstance(value, torch.Tensor)
+                else (f"a {type(value).__name__}")
+            )
+            raise ConfigError(f"loss: returned {what}; a loss returns a float scalar tensor "
+                              "(the mean over the micro-batch)")  # fmt: skip

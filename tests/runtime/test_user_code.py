@@ -75,3 +75,27 @@ def test_api_out_test_data_and_blocks_are_checked_before_any_training(tmp_path):
             pipe.evaluate(empty)
     with pytest.raises(ConfigError, match=r"^partition: blocks must be a model .* NoneType"):
         partition(None, 2)
+
+
+def test_a_loss_that_returns_no_scalar_tensor_is_named_before_training():
+    import pytest
+    import torch
+    from torch import nn
+
+    from aimcpipe.errors import ConfigError
+    from aimcpipe.runtime import Dataset, Pipeline
+
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    train = Dataset("toy", x, y, "classification", 3)
+
+    def per_sample(out, target):
+        return nn.functional.cross_entropy(out, target, reduction="none")
+
+    def a_float(out, target):
+        return 1.0
+
+    for loss, what in ((a_float, "a float"), (per_sample, r"a tensor of shape \(16,\)")):
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        pipe = Pipeline(model, stages=2, loss=loss, progress=False)
+        with pipe, pytest.raises(ConfigError, match=rf"^loss: returned {what}; a loss returns"):
+            pipe.fit(train)
