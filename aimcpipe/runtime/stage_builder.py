@@ -63,21 +63,19 @@ class StageBuilder:
         if self.loss is None:
             self.loss = "cross-entropy" if data.task == "classification" else "mse"
 
-    def local_stage(self, s: int, *, lr: float, seed: int) -> Stage:
-        """Stage ``s`` built here on the blocks (for checks and the state of an unstarted
-        pipeline; the loss only matters once data is known)."""
+    def local_stage(self, s: int, *, lr: float, seed: int, copy_blocks: bool = False) -> Stage:
+        """Stage ``s`` built here on the blocks, or on copies of them (for checks and the
+        state of an unstarted pipeline; the loss only matters once data is known)."""
         num = self.num_stages
         loss = resolve_loss(self.loss or "mse") if s == num - 1 else None
-        return Stage(s, num, self.blocks(s), lr=lr, loss_fn=loss, seed=seed)
+        blocks = copy.deepcopy(self.blocks(s)) if copy_blocks else self.blocks(s)
+        return Stage(s, num, blocks, lr=lr, loss_fn=loss, seed=seed)
 
     def check_state(self, s: int, state: dict[str, Any], *, lr: float, seed: int) -> None:
         """Load ``state`` into a copy of stage ``s`` (the blocks themselves are untouched):
         a damaged checkpoint entry fails here with one line, before anything changes."""
-        num = self.num_stages
-        loss = resolve_loss(self.loss or "mse") if s == num - 1 else None
-        blocks = copy.deepcopy(self.blocks(s))
         try:
-            Stage(s, num, blocks, lr=lr, loss_fn=loss, seed=seed).load_state_dict(state)
+            self.local_stage(s, lr=lr, seed=seed, copy_blocks=True).load_state_dict(state)
         except Exception as exc:
             raise ConfigError(
                 f"checkpoint: stage {s}'s state is damaged ({describe_exception(exc)})"
